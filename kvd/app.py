@@ -1,0 +1,97 @@
+"""What every handler and plugin shares for one running store: the AppContext.
+
+It wires plugins to the store (commit observers, periodic tasks) so that a
+failing plugin is counted and contained instead of reaching the data.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+from tornado.ioloop import PeriodicCallback
+
+from kvd.config import Config
+from kvd.log.format import Record
+from kvd.log.journal import Journal
+from kvd.store import Store
+
+log = logging.getLogger("kvd.app")
+
+Route = tuple[str, type, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PeriodicTask:
+    """Background work a plugin runs every ``interval`` seconds, never overlapping itself."""
+
+    name: str
+    interval: float
+    callback: Callable[[], Awaitable[None] | None]
+
+
+@dataclass
+class AppContext:
+    config: Config
+    store: Store
+    plugins: pluggy.PluginManager
+    journal: Journal | None = None
+    started_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    _periodic: list[PeriodicCallback] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        hook = self.plugins.hook
+        # Hot-path hooks are looked up once: a hook nobody implements costs nothing.
+        self.reads_transformed = bool(hook.transform_read.get_hookimpls())
+        self.writes_validated = bool(hook.validate_write.get_hookimpls())
+        self.requests_observed = bool(hook.request_finished.get_hookimpls())
+        self._commit_observers = hook.after_commit.get_hookimpls()
+        if self._commit_observers:
+            self.store.observers.append(self._observe_commit)
+
+    def report_error(self, label: str, exc: BaseException | None = None) -> None:
+        """Count an unexpected error in ``internal_error_count`` (via the hook)."""
+        try:
+            self.plugins.hook.internal_error(error=label, exc=exc)
+        except Exception:  # noqa: BLE001 - reporting must never raise
+            log.exception("internal_error hook failed")
+
+    def _observe_commit(self, record: Record) -> None:
+        """Run each after_commit implementation alone, so one failure skips only itself."""
+        for impl in self._commit_observers:
+            arguments = {"ctx": self, "record": record}
+            try:
+                impl.function(**{name: arguments[name] for name in impl.argnames})
+            except Exception as exc:
+                log.exception("after_commit hook of plugin %r failed", impl.plugin_name)
+                self.report_error(f"plugin_{impl.plugin_name}", exc)
+
+    def start_periodic_tasks(self) -> None:
+        for tasks in self.plugins.hook.periodic_tasks(ctx=self):
+            for task in tasks or ():
+                callback = PeriodicCallback(self._guarded(task), task.interval * 1000)
+                callback.start()
+                self._periodic.append(callback)
+
+    def stop_periodic_tasks(self) -> None:
+        for callback in self._periodic:
+            callback.stop()
+        self._periodic.clear()
+
+    def _guarded(self, task: PeriodicTask) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            try:
+                result = task.callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.exception("periodic task %r failed", task.name)
+                self.report_error(f"task_{task.name}", exc)
+
+        return run

@@ -1,0 +1,227 @@
+"""Settings: defaults, then the TOML file, then ``KVD_<SECTION>_<NAME>``, then flags.
+
+Every setting is a typed dataclass field; anything unknown or of the wrong
+type raises ConfigError naming it, and the command line exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+DEFAULT_CONFIG_PATH = Path("config/kvd.toml")
+FSYNC_POLICIES = ("always", "everysec", "no")
+BACKENDS = ("file", "nats")
+ENV_PREFIX = "KVD_"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_value_bytes: int = 1024 * 1024
+    drain_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    stream: str = "KVD"
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    data_dir: str = "data"
+    fsync: str = "always"
+    segment_bytes: int = 64 * 1024 * 1024
+    compact_dead_ratio: float = 1.0
+    compact_min_dead_bytes: int = 16 * 1024 * 1024
+    archive: bool = False
+    backend: str = "file"
+    nats: NatsConfig = field(default_factory=NatsConfig)
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    enabled: list[str] = field(default_factory=lambda: ["expiry", "metrics", "filter"])
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each ``[plugins.<name>]`` table, passed to that plugin, which checks it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    source: str | None = None
+    """The file the settings came from, if any."""
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.journal.data_dir)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config: defaults < file < environment < ``overrides``.
+
+    ``path`` None means ``config/kvd.toml`` when it exists. ``overrides`` maps
+    dotted names (``"server.port"``) to values, for command-line flags.
+    """
+    raw: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} not found")
+    else:
+        file = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+    if file is not None:
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
+        source = str(file)
+    _merge_environment(raw, os.environ if environ is None else environ)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    config = _build(raw)
+    return dataclasses.replace(config, source=source)
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    unknown = set(raw) - {"server", "journal", "plugins"}
+    if unknown:
+        raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}")
+    server = _section(ServerConfig, raw.get("server", {}), "server")
+    journal_raw = dict(raw.get("journal", {}))
+    nats = _section(NatsConfig, journal_raw.pop("nats", {}), "journal.nats")
+    journal = _section(JournalConfig, journal_raw, "journal", nats=nats)
+    plugins_raw = dict(raw.get("plugins", {}))
+    if not isinstance(plugins_raw, dict):
+        raise ConfigError("setting 'plugins' must be a table")
+    settings = {k: v for k, v in plugins_raw.items() if isinstance(v, dict)}
+    for name in settings:
+        plugins_raw.pop(name)
+    plugins = _section(PluginsConfig, plugins_raw, "plugins", settings=settings)
+    _check_values(server, journal, plugins)
+    return Config(server=server, journal=journal, plugins=plugins)
+
+
+def _check_values(server: ServerConfig, journal: JournalConfig, plugins: PluginsConfig) -> None:
+    if not 0 <= server.port <= 65535:
+        raise ConfigError(f"server.port must be 0-65535, not {server.port}")
+    for name in ("max_body_bytes", "max_value_bytes"):
+        if getattr(server, name) < 1:
+            raise ConfigError(f"server.{name} must be positive")
+    if server.drain_seconds < 0:
+        raise ConfigError("server.drain_seconds must not be negative")
+    if journal.fsync not in FSYNC_POLICIES:
+        raise ConfigError(
+            f"journal.fsync must be one of {', '.join(FSYNC_POLICIES)}, not {journal.fsync!r}"
+        )
+    if journal.backend not in BACKENDS:
+        raise ConfigError(f"journal.backend must be one of {', '.join(BACKENDS)}")
+    if journal.segment_bytes < 4096:
+        raise ConfigError("journal.segment_bytes must be at least 4096")
+    if journal.compact_dead_ratio < 0 or journal.compact_min_dead_bytes < 0:
+        raise ConfigError("journal.compact_* settings must not be negative")
+    if not journal.data_dir:
+        raise ConfigError("journal.data_dir must not be empty")
+    if len(set(plugins.enabled)) != len(plugins.enabled):
+        raise ConfigError("plugins.enabled lists a plugin twice")
+
+
+def _section(cls: type, values: Any, name: str, **fixed: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"setting {name!r} must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    kwargs: dict[str, Any] = dict(fixed)
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting '{name}.{key}'")
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check a TOML value (or an environment string) against the field's type."""
+    text = isinstance(value, str)
+    if hint is bool:
+        if text and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if text:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if text:
+            return value
+    elif hint == list[str]:
+        if text:
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+    kind = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"setting '{name}' must be {kind}, not {value!r}")
+
+
+def _merge_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Apply ``KVD_SERVER_*``, ``KVD_JOURNAL_*``, ``KVD_JOURNAL_NATS_*``, ``KVD_PLUGINS_*``."""
+    sections = {
+        "SERVER_": ("server", ServerConfig),
+        "JOURNAL_NATS_": ("journal.nats", NatsConfig),
+        "JOURNAL_": ("journal", JournalConfig),
+        "PLUGINS_": ("plugins", PluginsConfig),
+    }
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        rest = variable[len(ENV_PREFIX) :]
+        for prefix, (section, cls) in sections.items():
+            if rest.startswith(prefix):
+                name = rest[len(prefix) :].lower()
+                if name not in {f.name for f in dataclasses.fields(cls)} or name == "settings":
+                    raise ConfigError(f"unknown setting {variable}")
+                _set_dotted(raw, f"{section}.{name}", value)
+                break
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"setting {part!r} must be a table")
+    node[leaf] = value

@@ -1,0 +1,48 @@
+"""The URL table: core routes first, so no plugin can shadow ``/keys``."""
+
+from __future__ import annotations
+
+from tornado.web import Application
+
+from kvd.app import AppContext, Route
+from kvd.handlers.base import NotFoundHandler
+from kvd.handlers.health import HealthHandler, ReadyHandler
+from kvd.handlers.keys import KeyHandler, KeysHandler
+
+
+def core_routes(ctx: AppContext) -> list[Route]:
+    shared = {"ctx": ctx}
+    return [
+        (r"/keys", KeysHandler, shared),
+        (r"/keys/(.+)", KeyHandler, shared),
+        (r"/healthz", HealthHandler, shared),
+        (r"/readyz", ReadyHandler, shared),
+    ]
+
+
+def make_app(ctx: AppContext) -> Application:
+    routes = core_routes(ctx)
+    for plugin_routes in ctx.plugins.hook.register_routes(ctx=ctx):
+        routes.extend(plugin_routes or ())
+    return Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"ctx": ctx},
+        log_function=_log_request,
+        compress_response=False,
+    )
+
+
+def _log_request(handler) -> None:  # noqa: ANN001
+    """Access log: method, route template and status; never the raw path (keys may be secret)."""
+    import logging
+
+    access = logging.getLogger("kvd.access")
+    if access.isEnabledFor(logging.INFO):
+        access.info(
+            "%s %s %d %.1fms",
+            handler.request.method,
+            getattr(handler, "endpoint", "unmatched"),
+            handler.get_status(),
+            1000.0 * handler.request.request_time(),
+        )

@@ -1,0 +1,146 @@
+"""Cross-cutting request behaviour: JSON errors, default headers, timing.
+
+Every error, whatever raised it (a KvdError, tornado's own HTTPError, or an
+unexpected exception), leaves through ``write_error`` as
+``{"error": {"code", "message"}}``; a traceback never reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import orjson
+from tornado import httputil
+from tornado.web import HTTPError, RequestHandler
+
+from kvd.app import AppContext
+from kvd.errors import CODES_BY_STATUS, BadRequest, KvdError, NotFound, Unavailable
+
+log = logging.getLogger("kvd.app")
+
+JSON_TYPE = "application/json"
+_STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+
+
+class BaseHandler(RequestHandler):
+    endpoint = "unmatched"
+    """The route template for metrics and logs; never a raw path (keys stay out)."""
+
+    def initialize(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+        self.set_header("Cache-Control", "no-store")
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.ctx.in_flight += 1
+        self._counted = True
+
+    def on_finish(self) -> None:
+        if getattr(self, "_counted", False):
+            self.ctx.in_flight -= 1
+            self._counted = False
+        if self.ctx.requests_observed:
+            try:
+                self.ctx.plugins.hook.request_finished(
+                    method=self.request.method,
+                    endpoint=self.endpoint,
+                    status=self.get_status(),
+                    seconds=self.request.request_time(),
+                )
+            except Exception as exc:
+                log.exception("request_finished hook failed")
+                self.ctx.report_error("hook_request_finished", exc)
+
+    def on_connection_close(self) -> None:
+        # A client that hangs up mid-request still ends its in-flight count.
+        if getattr(self, "_counted", False):
+            self.ctx.in_flight -= 1
+            self._counted = False
+
+    # --- helpers -----------------------------------------------------------
+
+    def query(self, name: str) -> str | None:
+        """A query parameter decoded strictly as UTF-8, unstripped; 400 on bad bytes."""
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise BadRequest(f"query parameter {name!r} given more than once")
+        try:
+            return values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"query parameter {name!r} is not valid UTF-8") from None
+
+    def require_ready(self) -> None:
+        if not self.store.ready:
+            raise Unavailable("kvd is replaying its journal", headers={"Retry-After": "1"})
+
+    def send_json(self, body: bytes, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", JSON_TYPE)
+        self.finish(body)
+
+    # --- errors ------------------------------------------------------------
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        headers: dict[str, str] = {}
+        if isinstance(exc, KvdError):
+            code, message, headers = exc.code, exc.message, exc.headers
+        elif isinstance(exc, HTTPError):
+            code = CODES_BY_STATUS.get(status_code, "bad_request" if status_code < 500 else "internal_error")
+            message = exc.log_message or httputil.responses.get(status_code, "error")
+            if exc.args:
+                message = message % exc.args if "%" in message else message
+        else:
+            code, message = "internal_error", "internal server error"
+            self.ctx.report_error(type(exc).__name__ if exc else "unknown", exc)
+        if status_code == 405:
+            headers = {"Allow": ", ".join(self.allowed_methods()), **headers}
+        for name, value in headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", JSON_TYPE)
+        if self.request.method == "HEAD":
+            self.finish()
+            return
+        self.finish(orjson.dumps({"error": {"code": code, "message": message}}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, HTTPError):
+            return  # an answered client error, not a fault
+        super().log_exception(typ, value, tb)
+
+    def allowed_methods(self) -> list[str]:
+        """Methods this handler implements (for ``Allow``)."""
+        return [
+            method
+            for method in _STANDARD_METHODS
+            if getattr(type(self), method.lower()) is not BaseHandler._unimplemented_method
+        ]
+
+    def _unimplemented_method(self, *args: str, **kwargs: str) -> None:
+        raise HTTPError(405)
+
+    head = get = post = delete = patch = put = options = _unimplemented_method  # type: ignore[assignment]
+
+
+class NotFoundHandler(BaseHandler):
+    """Any path no route matches: a JSON 404 that names a disabled plugin's route."""
+
+    plugin_routes = {"/metrics": "metrics", "/journal": "journal"}
+
+    def prepare(self) -> None:
+        super().prepare()
+        path = unquote_to_bytes(self.request.path).decode("utf-8", "replace")
+        plugin = self.plugin_routes.get(path)
+        if plugin is not None:
+            raise NotFound(f"{path} needs the '{plugin}' plugin; enable it in [plugins] enabled")
+        raise NotFound(f"no route for {self.request.method} {path}")

@@ -1,0 +1,32 @@
+"""Liveness and readiness for load balancers and orchestrators."""
+
+from __future__ import annotations
+
+import orjson
+
+from kvd.errors import Unavailable
+from kvd.handlers.base import BaseHandler
+
+
+class HealthHandler(BaseHandler):
+    """``/healthz``: the process is up (always open, even to unauthenticated callers)."""
+
+    endpoint = "/healthz"
+
+    def get(self) -> None:
+        self.send_json(b'{"status":"ok"}')
+
+
+class ReadyHandler(BaseHandler):
+    """``/readyz``: 200 once replay is done and while the journal takes writes."""
+
+    endpoint = "/readyz"
+
+    def get(self) -> None:
+        if not self.store.ready:
+            raise Unavailable("replaying the journal", headers={"Retry-After": "1"})
+        journal = self.ctx.journal
+        if journal is not None and not journal.writable:
+            reason = getattr(journal, "refusal", None) or "journal refuses writes"
+            raise Unavailable(reason)
+        self.send_json(orjson.dumps({"status": "ready", "revision": journal.last_seq if journal else 0}))

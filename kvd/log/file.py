@@ -1,0 +1,334 @@
+"""The embedded journal: segment files in one data directory.
+
+Limits and guarantees:
+- Memory: only queued, not yet durable lines are held (one batch in flight,
+  the next one filling).
+- ``fsync="always"``: ``append`` resolves after write + fdatasync. Records
+  queued while a batch is being written share the next write and fsync
+  (group commit). A power loss loses nothing acknowledged.
+- ``fsync="everysec"``: resolves after write(); a background fdatasync runs
+  every second, so a power loss can lose about a second of acknowledged writes.
+- ``fsync="no"``: resolves after write(); the OS flushes when it likes.
+- Under every policy a killed process loses nothing acknowledged, since the
+  bytes are in the kernel before the answer.
+- A failed write is cut back off the file and fails every queued append
+  (they were chained to it); later appends may succeed. A failed fsync makes
+  the journal refuse writes until restart: the kernel may have dropped the
+  dirty pages, so retrying could report success for data that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvd.log.format import GENESIS_HASH, Record, encode_record, format_ts, segment_name
+from kvd.log.journal import Journal, JournalStats, JournalUnavailable
+from kvd.log.reader import JournalReader, list_segments
+from kvd.model import Change
+
+log = logging.getLogger("kvd.journal")
+
+PROGRESS_EVERY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Pending:
+    line: bytes
+    record: Record
+    future: asyncio.Future[Record]
+
+
+class FileJournal(Journal):
+    """Append-only segment files ``<first seq>.jsonl`` in ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: str = "always",
+        segment_bytes: int = 64 * 1024 * 1024,
+        on_commit: Callable[[Record], None],
+        on_abort: Callable[[], None] = lambda: None,
+        on_synced: Callable[[float, int, int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(on_commit, on_abort)
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.on_synced = on_synced
+        self.clock = clock
+        self.stats = JournalStats()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvd-journal")
+        self._fd: int | None = None
+        self._active_path: Path | None = None
+        self._active_size = 0
+        self._durable_seq = 0
+        self._durable_hash = GENESIS_HASH
+        self._next_seq = 1
+        self._head_hash = GENESIS_HASH
+        self._queue: list[_Pending] = []
+        self._flushing = False
+        self._flush_done: asyncio.Event | None = None
+        self._refusal: str | None = None  # why writes are refused until restart
+        self._unsynced = False
+        self._sync_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- start-up ----------------------------------------------------------
+
+    def replay(self, progress: Callable[[int, int], None] | None = None) -> None:
+        started = time.monotonic()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        reader = JournalReader(self.directory)
+        total = sum(path.stat().st_size for path in reader.segments)
+        next_report = PROGRESS_EVERY_BYTES
+        for record in reader.records():
+            self.on_commit(record)
+            self.stats.records += 1
+            if progress is not None and reader.bytes_read >= next_report:
+                progress(reader.bytes_read, total)
+                next_report += PROGRESS_EVERY_BYTES
+        if reader.torn_tail is not None:
+            torn = reader.torn_tail
+            log.warning(
+                "cutting torn last record: %d bytes at offset %d of %s (after seq %d)",
+                torn.length, torn.offset, torn.path, reader.last_seq,
+            )
+            with open(torn.path, "r+b") as file:
+                file.truncate(torn.offset)
+                file.flush()
+                os.fsync(file.fileno())
+        self._durable_seq = reader.last_seq
+        self._durable_hash = self._head_hash = reader.last_hash
+        self._next_seq = reader.last_seq + 1
+        self._open_active(reader.segments[-1] if reader.segments else None)
+        self.stats.segments = len(list_segments(self.directory))
+        self.stats.bytes = sum(path.stat().st_size for path in list_segments(self.directory))
+        self.stats.replay_seconds = time.monotonic() - started
+        if progress is not None:
+            progress(total, total)
+
+    def _open_active(self, path: Path | None) -> None:
+        if path is None:
+            path = self.directory / segment_name(self._next_seq)
+        existed = path.exists()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._active_path = path
+        self._active_size = os.fstat(self._fd).st_size
+        if not existed:
+            _fsync_directory(self.directory)
+
+    # --- appending ---------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        return self._refusal is None and not self._closed
+
+    @property
+    def last_seq(self) -> int:
+        return self._durable_seq
+
+    @property
+    def refusal(self) -> str | None:
+        return self._refusal
+
+    def append(self, change: Change) -> asyncio.Future[Record]:
+        if self._closed:
+            raise JournalUnavailable("journal is closed")
+        if self._refusal is not None:
+            raise JournalUnavailable(self._refusal)
+        loop = asyncio.get_running_loop()
+        seq = self._next_seq
+        ts = format_ts(self.clock())
+        line, digest = encode_record(
+            seq=seq,
+            ts=ts,
+            op=change.op,
+            prev=self._head_hash,
+            set_values=change.set if change.op == "put" else None,
+            expires=change.expires,
+            keys=change.keys if change.op in ("delete", "expire") else None,
+            actor=change.actor,
+        )
+        record = Record(
+            seq=seq, ts=ts, op=change.op, set=change.set, expires=change.expires,
+            keys=change.keys, actor=change.actor, prev=self._head_hash, hash=digest,
+            size=len(line),
+        )
+        self._next_seq = seq + 1
+        self._head_hash = digest
+        future: asyncio.Future[Record] = loop.create_future()
+        self._queue.append(_Pending(line, record, future))
+        if not self._flushing:
+            # Started on the next loop pass, so every append of this pass
+            # joins the same write and fsync.
+            self._flushing = True
+            self._flush_done = asyncio.Event()
+            loop.create_task(self._flush())
+        if self.fsync == "everysec" and self._sync_task is None:
+            self._sync_task = loop.create_task(self._sync_every_second())
+        return future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                data = b"".join(item.line for item in batch)
+                try:
+                    seconds = await loop.run_in_executor(
+                        self._io, self._write_batch, data, batch[0].record.seq
+                    )
+                except OSError as exc:
+                    self._fail_pending(batch, exc)
+                    continue
+                last = batch[-1].record
+                self._durable_seq = last.seq
+                self._durable_hash = last.hash
+                self.stats.records += len(batch)
+                self.stats.bytes += len(data)
+                self.stats.batches += 1
+                self.stats.batched_records += len(batch)
+                for item in batch:
+                    self.on_commit(item.record)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_result(item.record)
+                if self.on_synced is not None and seconds is not None:
+                    self.on_synced(seconds, len(batch), len(data))
+        finally:
+            self._flushing = False
+            assert self._flush_done is not None
+            self._flush_done.set()
+
+    def _fail_pending(self, batch: list[_Pending], exc: OSError) -> None:
+        """Fail the batch and everything queued after it (chained to it)."""
+        failed = batch + self._queue
+        self._queue = []
+        self._next_seq = self._durable_seq + 1
+        self._head_hash = self._durable_hash
+        reason = self._refusal or f"journal write failed: {os.strerror(exc.errno or errno.EIO)}"
+        log.error("journal write of seq %d.. failed: %s", batch[0].record.seq, exc)
+        self.on_abort()
+        for item in failed:
+            if not item.future.done():
+                item.future.set_exception(JournalUnavailable(reason))
+
+    def _write_batch(self, data: bytes, first_seq: int) -> float | None:
+        """Runs on the journal thread: write, and fsync under ``always``."""
+        assert self._fd is not None
+        if self._active_size >= self.segment_bytes:
+            self._roll_segment(first_seq)
+        start_size = self._active_size
+        try:
+            view = memoryview(data)
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except OSError:
+            self._cut_back(start_size)
+            raise
+        self._active_size += len(data)
+        if self.fsync != "always":
+            self._unsynced = True
+            return None
+        started = time.monotonic()
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._refuse_after_failed_fsync(exc)
+            self._cut_back(start_size)
+            raise
+        return time.monotonic() - started
+
+    def _cut_back(self, size: int) -> None:
+        """Remove a failed batch's bytes so no trace of it survives."""
+        try:
+            os.ftruncate(self._fd, size)  # type: ignore[arg-type]
+            self._active_size = size
+        except OSError as exc:
+            self._refuse_after_failed_fsync(exc)
+
+    def _refuse_after_failed_fsync(self, exc: OSError) -> None:
+        self._refusal = (
+            f"journal fsync failed ({os.strerror(exc.errno or errno.EIO)}); "
+            "writes are refused until kvd restarts"
+        )
+        log.critical("%s", self._refusal)
+
+    def _roll_segment(self, first_seq: int) -> None:
+        assert self._fd is not None
+        os.fdatasync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        self._open_active(self.directory / segment_name(first_seq))
+        self.stats.segments += 1
+
+    async def _sync_every_second(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed and self._refusal is None:
+            await asyncio.sleep(1.0)
+            if self._unsynced:
+                await loop.run_in_executor(self._io, self._sync_now)
+
+    def _sync_now(self) -> None:
+        if self._fd is None or not self._unsynced:
+            return
+        self._unsynced = False
+        started = time.monotonic()
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._refuse_after_failed_fsync(exc)
+            return
+        if self.on_synced is not None:
+            self.on_synced(time.monotonic() - started, 0, 0)
+
+    # --- shutdown ----------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._flushing and self._flush_done is not None:
+            await self._flush_done.wait()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self._close_files)
+        self._io.shutdown(wait=True)
+
+    def close_sync(self) -> None:
+        """Close without a loop (tools and tests that only replayed)."""
+        self._closed = True
+        self._close_files()
+        self._io.shutdown(wait=True)
+
+    def _close_files(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if self._refusal is None:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            log.error("final journal fsync failed: %s", exc)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a new file's directory entry durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,153 @@
+"""The journal's on-disk record format, shared by reader and writer.
+
+One record is one line of UTF-8 JSON ending in ``\\n``. The ``hash`` field is
+always last and fixed-width, so a record's hashed bytes are the line itself up
+to (not including) ``,"hash":"``. Because those bytes include ``prev`` (the hash
+of the record before), editing, inserting, removing or reordering any record
+breaks the chain. ``docs/journal-format.md`` is the normative description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from kvd import jsonio
+
+FORMAT_VERSION = 1
+GENESIS_HASH = "0" * 64
+SEGMENT_SUFFIX = ".jsonl"
+
+OP_PUT = "put"
+OP_DELETE = "delete"
+OP_CLEAR = "clear"
+OP_EXPIRE = "expire"
+OPS = (OP_PUT, OP_DELETE, OP_CLEAR, OP_EXPIRE)
+
+_HASH_PREFIX = b',"hash":"'
+_HASH_HEX_LEN = 64
+# ,"hash":"<64 hex>"}\n
+_HASH_TRAILER_LEN = len(_HASH_PREFIX) + _HASH_HEX_LEN + len(b'"}\n')
+
+
+class RecordError(ValueError):
+    """A line is not a valid record (bad JSON, bad hash, broken chain)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One committed journal entry, as read back or as just written.
+
+    ``set`` maps keys to their JSON-encoded values (bytes, exactly as stored);
+    ``expires`` maps a subset of those keys to absolute expiry times (epoch
+    seconds); ``keys`` lists the keys a delete or expire removes.
+    """
+
+    seq: int
+    ts: str
+    op: str
+    set: dict[str, bytes]
+    expires: dict[str, float]
+    keys: tuple[str, ...]
+    actor: str | None
+    prev: str
+    hash: str
+    size: int  # bytes of the encoded line, newline included
+
+
+def format_ts(epoch: float) -> str:
+    """ISO 8601 UTC with microseconds and a ``Z``: ``2026-11-27T18:38:34.123456Z``."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> float:
+    """Epoch seconds of an ISO 8601 time; a time without zone is taken as UTC."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def encode_record(
+    *,
+    seq: int,
+    ts: str,
+    op: str,
+    prev: str,
+    set_values: dict[str, bytes] | None = None,
+    expires: dict[str, float] | None = None,
+    keys: list[str] | tuple[str, ...] | None = None,
+    actor: str | None = None,
+) -> tuple[bytes, str]:
+    """Encode one record; returns the line (with ``\\n``) and its hash."""
+    body: dict[str, Any] = {"v": FORMAT_VERSION, "seq": seq, "ts": ts, "op": op}
+    if set_values is not None:
+        body["set"] = {key: orjson.Fragment(value) for key, value in set_values.items()}
+    if expires:
+        body["expires"] = {key: format_ts(at) for key, at in expires.items()}
+    if keys is not None:
+        body["keys"] = list(keys)
+    if actor is not None:
+        body["actor"] = actor
+    body["prev"] = prev
+    hashed = orjson.dumps(body)[:-1]  # drop the closing brace; the hash field follows
+    digest = hashlib.sha256(hashed).hexdigest()
+    return hashed + _HASH_PREFIX + digest.encode() + b'"}\n', digest
+
+
+def decode_record(line: bytes) -> Record:
+    """Parse and check one complete line (``\\n`` included); raises RecordError.
+
+    Checks the record's own hash. The chain (``prev`` equals the previous
+    record's hash, ``seq`` one more) is the caller's to check, since only the
+    caller knows the record before.
+    """
+    if len(line) <= _HASH_TRAILER_LEN or not line.endswith(b'"}\n'):
+        raise RecordError("not a complete record")
+    cut = len(line) - _HASH_TRAILER_LEN
+    if line[cut : cut + len(_HASH_PREFIX)] != _HASH_PREFIX:
+        raise RecordError("hash field missing or not last")
+    stored_hash = line[cut + len(_HASH_PREFIX) : -3].decode("ascii", "replace")
+    if hashlib.sha256(line[:cut]).hexdigest() != stored_hash:
+        raise RecordError("checksum mismatch")
+    try:
+        fields = jsonio.loads(line, max_depth=None)  # checked when written
+    except jsonio.JSONError as exc:
+        raise RecordError(f"not JSON: {exc}") from None
+    try:
+        op = fields["op"]
+        if op not in OPS:
+            raise RecordError(f"unknown op {op!r}")
+        raw_set = fields.get("set")
+        set_values = (
+            {key: jsonio.dumps(value) for key, value in raw_set.items()} if raw_set else {}
+        )
+        raw_expires = fields.get("expires")
+        expires = (
+            {key: parse_ts(at) for key, at in raw_expires.items()} if raw_expires else {}
+        )
+        return Record(
+            seq=int(fields["seq"]),
+            ts=fields["ts"],
+            op=op,
+            set=set_values,
+            expires=expires,
+            keys=tuple(fields.get("keys", ())),
+            actor=fields.get("actor"),
+            prev=fields["prev"],
+            hash=stored_hash,
+            size=len(line),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, RecordError):
+            raise
+        raise RecordError(f"malformed record: {exc!r}") from None
+
+
+def segment_name(first_seq: int) -> str:
+    """Segment files are named by the first sequence number they may hold."""
+    return f"{first_seq:020d}{SEGMENT_SUFFIX}"

@@ -1,0 +1,81 @@
+"""The interface between the store and whatever keeps its records.
+
+The store talks only to ``Journal``: replay every record at start-up, then
+append changes and learn, in order, when each is durable. The file journal
+(``kvd.log.file``) is the embedded default; a replicated log can implement
+the same interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvd.log.format import Record
+from kvd.model import Change
+
+
+class JournalUnavailable(Exception):
+    """The journal cannot take writes now (disk error, failed fsync, closed)."""
+
+
+@dataclass
+class JournalStats:
+    """Numbers the metrics plugin reads at scrape time."""
+
+    records: int = 0
+    bytes: int = 0
+    segments: int = 0
+    batches: int = 0
+    batched_records: int = 0
+    replay_seconds: float = 0.0
+
+
+class Journal(abc.ABC):
+    """An append-only sequence of records with gap-free ``seq`` and a hash chain.
+
+    ``on_commit`` is called on the event loop for each record, in ``seq``
+    order, as soon as it is durable under the fsync policy and before the
+    future returned by ``append`` resolves. ``on_abort`` is called on the
+    loop when pending appends fail, after which none of them will commit.
+    """
+
+    stats: JournalStats
+
+    def __init__(
+        self, on_commit: Callable[[Record], None], on_abort: Callable[[], None]
+    ) -> None:
+        self.on_commit = on_commit
+        self.on_abort = on_abort
+
+    @abc.abstractmethod
+    def replay(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Feed every stored record to ``on_commit``; blocking, run it off the loop.
+
+        ``progress(bytes_done, bytes_total)`` is called now and then. Raises
+        ``kvd.log.reader.JournalCorrupt`` on damage before the end.
+        """
+
+    @abc.abstractmethod
+    def append(self, change: Change) -> asyncio.Future[Record]:
+        """Queue a change; the future resolves with its record once durable.
+
+        Must be called on the event loop. Raises JournalUnavailable at once
+        when writes are refused; the future fails with it if the write does.
+        """
+
+    @property
+    @abc.abstractmethod
+    def writable(self) -> bool:
+        """False once writes are refused until restart (e.g. after a failed fsync)."""
+
+    @property
+    @abc.abstractmethod
+    def last_seq(self) -> int:
+        """The seq of the last durable record (0 for an empty journal)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush and make durable whatever was acknowledged, then release files."""

@@ -1,0 +1,86 @@
+"""Finding plugins and building a plugin manager per app.
+
+Built-ins and third-party plugins go through the same ``resolve_plugin``: a
+short name (a built-in, or an installed entry point in group ``kvd``) or a
+dotted module path (``package.module`` or ``package.module:attribute``).
+A module that defines ``make_plugin(settings)`` gets its ``[plugins.<name>]``
+table and returns the object to register, so each app has its own plugin
+state; any other module or object is registered as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from kvd import hookspecs
+from kvd.config import Config, ConfigError
+
+ENTRY_POINT_GROUP = "kvd"
+BUILTINS = {
+    "expiry": "kvd.plugins.expiry",
+    "metrics": "kvd.plugins.metrics",
+    "filter": "kvd.plugins.filter",
+}
+
+
+def available_plugins() -> dict[str, str]:
+    """Every plugin findable by short name, mapped to where it comes from."""
+    found = dict(BUILTINS)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(entry.name, entry.value)
+    return found
+
+
+def resolve_plugin(name: str) -> Any:
+    """Turn a short name, entry point name or dotted path into a loaded object."""
+    if name in BUILTINS:
+        return importlib.import_module(BUILTINS[name])
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        return entry.load()
+    module_name, _, attribute = name.partition(":")
+    if "." not in module_name and not attribute:
+        raise ConfigError(
+            f"plugins.enabled: no plugin named {name!r} "
+            f"(built-ins: {', '.join(BUILTINS)}; or give a dotted module path)"
+        )
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"plugins.enabled: cannot import {name!r}: {exc}") from None
+    if attribute:
+        try:
+            target = getattr(target, attribute)
+        except AttributeError:
+            raise ConfigError(f"plugins.enabled: {module_name} has no {attribute!r}") from None
+    return target
+
+
+def instantiate(target: Any, name: str, settings: dict[str, Any]) -> Any:
+    """Build the object to register: ``make_plugin(settings)`` when the module has it."""
+    factory = getattr(target, "make_plugin", None)
+    if factory is None:
+        if settings:
+            raise ConfigError(f"unknown setting 'plugins.{name}.{next(iter(settings))}'")
+        return target
+    try:
+        return factory(dict(settings))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"plugins.{name}: {exc}") from None
+
+
+def make_plugin_manager(config: Config) -> pluggy.PluginManager:
+    """A fresh manager with every enabled plugin registered, in config order."""
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    enabled = config.plugins.enabled
+    for name in enabled:
+        plugin = instantiate(resolve_plugin(name), name, config.plugins.settings.get(name, {}))
+        try:
+            manager.register(plugin, name=name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            raise ConfigError(f"plugins.enabled: cannot register {name!r}: {exc}") from None
+    return manager

@@ -1,0 +1,91 @@
+"""The built-in ``expiry`` plugin: ``?expire_in=`` and the active sweep.
+
+Expiry times are absolute in the journal, so a restart never extends a key's
+life, and the store hides an expired key everywhere from that instant. This
+plugin turns ``expire_in`` into that absolute time and removes expired keys
+in the background by journaling op ``expire`` records, so replay and audit
+never depend on the clock.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from kvd import hookimpl
+from kvd.app import AppContext, PeriodicTask
+from kvd.errors import BadRequest, Unavailable
+from kvd.log.format import OP_EXPIRE
+from kvd.model import Change
+
+MAX_EXPIRE_IN = 315_360_000  # ten 365-day years, in seconds
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+
+
+class ExpiryPlugin:
+    def __init__(self, sweep_interval: float = 0.1, sweep_batch: int = 1000) -> None:
+        if not 0 < sweep_interval <= 60:
+            raise ValueError("plugins.expiry.sweep_interval must be in (0, 60] seconds")
+        if sweep_batch < 1:
+            raise ValueError("plugins.expiry.sweep_batch must be positive")
+        self.sweep_interval = sweep_interval
+        self.sweep_batch = sweep_batch
+        self.expired = Counter(
+            "kvd_expired_keys", "Keys removed because their expiry passed", registry=None
+        )
+        self.lag = Histogram(
+            "kvd_expiry_lag_seconds",
+            "How late expired keys were removed (journaled) after their expiry time",
+            buckets=LAG_BUCKETS,
+            registry=None,
+        )
+
+    @hookimpl
+    def resolve_expiry(self, expire_in: str, now: float) -> float:
+        try:
+            seconds = float(expire_in)
+        except ValueError:
+            raise BadRequest(f"expire_in must be a number of seconds, not {expire_in!r}") from None
+        if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_EXPIRE_IN:
+            raise BadRequest(
+                f"expire_in must be a positive number of seconds up to {MAX_EXPIRE_IN}"
+            )
+        return now + seconds
+
+    @hookimpl
+    def periodic_tasks(self, ctx: AppContext) -> list[PeriodicTask]:
+        return [PeriodicTask("expiry_sweep", self.sweep_interval, lambda: self.sweep(ctx))]
+
+    @hookimpl
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        registry.register(self.expired)
+        registry.register(self.lag)
+
+    async def sweep(self, ctx: AppContext) -> int:
+        """Journal the removal of every key whose expiry has passed; returns how many."""
+        store = ctx.store
+        removed = 0
+        while True:
+            keys = store.take_expired(self.sweep_batch)
+            if not keys:
+                return removed
+            due = [store.current_raw(key).expires_at for key in keys]  # type: ignore[union-attr]
+            try:
+                await store.write(Change(op=OP_EXPIRE, keys=tuple(keys)))
+            except Unavailable:
+                store.return_expired(keys)
+                return removed
+            now = store.clock()
+            for expires_at in due:
+                self.lag.observe(max(0.0, now - expires_at))  # type: ignore[operator]
+            self.expired.inc(len(keys))
+            removed += len(keys)
+
+
+def make_plugin(settings: dict[str, Any]) -> ExpiryPlugin:
+    unknown = set(settings) - {"sweep_interval", "sweep_batch"}
+    if unknown:
+        raise ValueError(f"unknown setting plugins.expiry.{sorted(unknown)[0]}")
+    return ExpiryPlugin(**settings)

@@ -1,0 +1,123 @@
+"""Run one kvd server: lock, listen, replay, serve, and on SIGTERM drain and flush.
+
+The listening socket opens before replay so that orchestrators see a live
+process: ``/healthz`` answers at once, ``/readyz`` and ``/keys`` answer 503
+until the journal has been replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from kvd.app import AppContext
+from kvd.config import Config
+from kvd.handlers import make_app
+from kvd.log.file import FileJournal
+from kvd.log.lock import DataDirLock, DataDirLocked
+from kvd.log.reader import JournalCorrupt
+from kvd.plugins import make_plugin_manager
+from kvd.store import Store
+
+log = logging.getLogger("kvd.app")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+async def serve(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit status."""
+    # A file-size limit must fail the write (EFBIG -> 503), not kill the server.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    lock = DataDirLock(config.data_dir)
+    try:
+        lock.acquire()
+    except DataDirLocked as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    try:
+        return await _serve_locked(config)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    plugins = make_plugin_manager(config)
+    store = Store()
+    ctx = AppContext(config=config, store=store, plugins=plugins)
+    synced = plugins.hook.journal_synced
+    journal = FileJournal(
+        config.data_dir,
+        fsync=config.journal.fsync,
+        segment_bytes=config.journal.segment_bytes,
+        on_commit=store.apply,
+        on_abort=store.abort_pending,
+        on_synced=lambda seconds, records, nbytes: synced(
+            seconds=seconds, records=records, nbytes=nbytes
+        ),
+    )
+    store.attach(journal)
+    ctx.journal = journal
+
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+
+    server = HTTPServer(
+        make_app(ctx),
+        max_body_size=config.server.max_body_bytes + 1,
+        idle_connection_timeout=60.0,
+        body_timeout=30.0,
+    )
+    sockets = bind_sockets(config.server.port, config.server.host, family=socket.AF_UNSPEC)
+    server.add_sockets(sockets)
+    host, port = sockets[0].getsockname()[:2]
+    log.info("listening on http://%s:%d (data in %s)", _url_host(host), port, config.data_dir)
+
+    started = time.monotonic()
+    try:
+        await loop.run_in_executor(None, journal.replay, _log_progress)
+    except JournalCorrupt as exc:
+        log.error("%s; run `kvd journal repair` to cut the damage into quarantine", exc)
+        server.stop()
+        journal.close_sync()
+        return EXIT_FAILURE
+    store.ready = True
+    log.info(
+        "ready: %d keys at revision %d, replay took %.2fs",
+        len(store), journal.last_seq, time.monotonic() - started,
+    )
+    plugins.hook.startup(ctx=ctx)
+    ctx.start_periodic_tasks()
+
+    await stopping.wait()
+    log.info("stopping: draining %d in-flight requests", ctx.in_flight)
+    server.stop()
+    deadline = time.monotonic() + config.server.drain_seconds
+    while ctx.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    ctx.stop_periodic_tasks()
+    plugins.hook.shutdown(ctx=ctx)
+    try:
+        await asyncio.wait_for(server.close_all_connections(), timeout=5.0)
+    except TimeoutError:
+        log.warning("some connections did not close in time")
+    await journal.close()
+    log.info("stopped at revision %d", journal.last_seq)
+    return EXIT_OK
+
+
+def _log_progress(done: int, total: int) -> None:
+    if total:
+        log.info("replaying journal: %.0f%% (%d of %d MiB)", 100 * done / total, done >> 20, total >> 20)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

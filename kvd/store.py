@@ -1,0 +1,272 @@
+"""The in-memory state, kept in step with the journal.
+
+Two views of the data:
+- the committed view (``_entries`` and the sorted ``_index``) holds only
+  records the journal has made durable; every read uses it, so a write is
+  visible only once it is durable;
+- the writers' view adds the changes queued in the journal but not yet
+  durable (``_pending``), so validations, deletes of just-written keys and
+  expiry sweeps decide against the latest state, in journal order.
+
+Memory: one Entry per live key (the value as compact JSON bytes, not parsed
+objects), the key in a sorted list for listings, and one pending entry per
+key with a write in flight. All methods run on the event loop, except
+``apply`` during replay, which runs before the store reports ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from sortedcontainers import SortedList
+
+from kvd.errors import NotFound, Unavailable
+from kvd.log.format import OP_CLEAR, OP_DELETE, OP_EXPIRE, OP_PUT, Record
+from kvd.log.journal import Journal, JournalUnavailable
+from kvd.model import Change, Entry, KeyFilter
+
+_CLEARED = object()  # a pending clear: keys not written since read as absent
+
+
+class Store:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.journal: Journal | None = None
+        self.ready = False
+        self.observers: list[Callable[[Record], None]] = []
+        self._entries: dict[str, Entry] = {}
+        self._index: SortedList = SortedList()
+        self._pending: dict[str, tuple[int, Entry | None]] = {}
+        self._pending_clear: int | None = None  # ordinal of the newest queued clear
+        self._ordinals = itertools.count(1)
+        self._pending_order: deque[int] = deque()  # ordinals of queued writes, journal order
+        # (expires_at, key) of committed entries with an expiry; stale items
+        # (key since rewritten or removed) are skipped when they surface.
+        self._expiry_heap: list[tuple[float, str]] = []
+        self._expiring = 0  # committed entries that have an expiry
+        self.live_bytes = 0  # keys + values of committed entries, in bytes
+
+    def attach(self, journal: Journal) -> None:
+        self.journal = journal
+
+    # --- reads (committed view) --------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        """The key's durable entry, or None when absent or expired."""
+        entry = self._entries.get(key)
+        if entry is None or (entry.expires_at is not None and entry.expires_at <= self.clock()):
+            return None
+        return entry
+
+    def scan(
+        self, key_filter: KeyFilter | None = None, *, after: str | None = None, batch: int = 1000
+    ) -> Iterator[list[tuple[str, Entry]]]:
+        """Live entries in key order, in batches, resuming after the last key seen.
+
+        Each batch is taken afresh from the index, so the store may change
+        between batches; a key that exists throughout is yielded exactly once.
+        """
+        prefix = key_filter.prefix if key_filter is not None else ""
+        match = key_filter.match if key_filter is not None else None
+        upper = _prefix_upper_bound(prefix)
+        lower = after if after is not None and after >= prefix else prefix
+        inclusive_lower = after is None or after < prefix
+        while True:
+            keys = list(
+                itertools.islice(
+                    self._index.irange(lower, upper, inclusive=(inclusive_lower, False)), batch
+                )
+            )
+            if not keys:
+                return
+            now = self.clock()
+            found = []
+            for key in keys:
+                if match is not None and not match(key):
+                    continue
+                entry = self._entries.get(key)
+                if entry is not None and not entry.expired(now):
+                    found.append((key, entry))
+            if found:
+                yield found
+            if len(keys) < batch:
+                return
+            lower, inclusive_lower = keys[-1], False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # --- writes (writers' view) --------------------------------------------
+
+    def current(self, key: str) -> Entry | None:
+        """What the key holds once every queued write is durable (None: absent)."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            entry = pending[1]
+        elif self._pending_clear is not None:
+            entry = None
+        else:
+            entry = self._entries.get(key)
+        if entry is None or entry.expired(self.clock()):
+            return None
+        return entry
+
+    async def write(self, change: Change) -> Record:
+        """Journal a put, delete or clear and wait until it is durable and applied.
+
+        Raises NotFound for a delete of an absent key, Unavailable when the
+        journal refuses the write. Nothing changes when it raises.
+        """
+        if change.op == OP_DELETE and any(self.current(key) is None for key in change.keys):
+            raise NotFound(f"key {change.keys[0]!r} not found")
+        return await self._submit(change)
+
+    def take_expired(self, limit: int) -> list[str]:
+        """Up to ``limit`` keys whose expiry has passed, as writers see them.
+
+        The caller must journal their removal (op ``expire``) at once, or
+        hand them back with ``return_expired`` if that fails.
+        """
+        now = self.clock()
+        heap = self._expiry_heap
+        found: list[str] = []
+        while heap and heap[0][0] <= now and len(found) < limit:
+            expires_at, key = heapq.heappop(heap)
+            entry = self.current_raw(key)
+            if entry is not None and entry.expires_at == expires_at:
+                found.append(key)
+        return found
+
+    def return_expired(self, keys: list[str]) -> None:
+        """Put back keys from ``take_expired`` whose removal was not journaled."""
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires_at is not None:
+                heapq.heappush(self._expiry_heap, (entry.expires_at, key))
+
+    def next_expiry(self) -> float | None:
+        """The earliest expiry time still to be swept, if any."""
+        return self._expiry_heap[0][0] if self._expiry_heap else None
+
+    def current_raw(self, key: str) -> Entry | None:
+        """Like ``current`` but returns expired entries too."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending[1]
+        if self._pending_clear is not None:
+            return None
+        return self._entries.get(key)
+
+    async def _submit(self, change: Change) -> Record:
+        if self.journal is None or not self.ready:
+            raise Unavailable("the store is starting", headers={"Retry-After": "1"})
+        try:
+            future = self.journal.append(change)
+        except JournalUnavailable as exc:
+            raise Unavailable(str(exc), headers={"Retry-After": "1"}) from None
+        ordinal = next(self._ordinals)
+        self._note_pending(change, ordinal)
+        try:
+            record = await asyncio.shield(future)
+        except JournalUnavailable as exc:
+            raise Unavailable(str(exc), headers={"Retry-After": "1"}) from None
+        return record
+
+    def _note_pending(self, change: Change, ordinal: int) -> None:
+        if change.op == OP_CLEAR:
+            self._pending.clear()
+            self._pending_clear = ordinal
+        elif change.op == OP_PUT:
+            for key, value in change.set.items():
+                entry = Entry(value, 0, change.expires.get(key))
+                self._pending[key] = (ordinal, entry)
+        else:
+            for key in change.keys:
+                self._pending[key] = (ordinal, None)
+        self._pending_order.append(ordinal)
+
+    # --- applying committed records ----------------------------------------
+
+    def apply(self, record: Record) -> None:
+        """Make a durable record visible; the journal calls this in seq order."""
+        entries = self._entries
+        if record.op == OP_PUT:
+            expires = record.expires
+            for key, value in record.set.items():
+                old = entries.get(key)
+                if old is None:
+                    self._index.add(key)
+                    self.live_bytes += len(key.encode()) + len(value)
+                else:
+                    self.live_bytes += len(value) - len(old.value)
+                    if old.expires_at is not None:
+                        self._expiring -= 1
+                expires_at = expires.get(key)
+                entries[key] = Entry(value, record.seq, expires_at)
+                if expires_at is not None:
+                    self._expiring += 1
+                    heapq.heappush(self._expiry_heap, (expires_at, key))
+        elif record.op in (OP_DELETE, OP_EXPIRE):
+            for key in record.keys:
+                old = entries.pop(key, None)
+                if old is not None:
+                    self._index.remove(key)
+                    self.live_bytes -= len(key.encode()) + len(old.value)
+                    if old.expires_at is not None:
+                        self._expiring -= 1
+        elif record.op == OP_CLEAR:
+            entries.clear()
+            self._index.clear()
+            self.live_bytes = 0
+            self._expiring = 0
+            self._expiry_heap.clear()
+        if len(self._expiry_heap) > 2 * self._expiring + 1024:
+            self._rebuild_expiry_heap()
+        if self.ready:
+            self._settle_pending(record)
+            for observe in self.observers:
+                observe(record)
+
+    def _settle_pending(self, record: Record) -> None:
+        """Drop pending entries whose newest queued write is this record."""
+        ordinal = self._pending_order.popleft() if self._pending_order else None
+        if ordinal is None:
+            return
+        if record.op == OP_CLEAR:
+            if self._pending_clear == ordinal:
+                self._pending_clear = None
+            return
+        for key in record.set or record.keys:
+            pending = self._pending.get(key)
+            if pending is not None and pending[0] == ordinal:
+                del self._pending[key]
+
+    def _rebuild_expiry_heap(self) -> None:
+        """Drop stale heap items so rewrites of expiring keys cannot grow it without bound."""
+        self._expiry_heap = [
+            (entry.expires_at, key)
+            for key, entry in self._entries.items()
+            if entry.expires_at is not None
+        ]
+        heapq.heapify(self._expiry_heap)
+
+    def abort_pending(self) -> None:
+        """Every queued write failed: forget them all."""
+        self._pending.clear()
+        self._pending_clear = None
+        self._pending_order.clear()
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix``."""
+    if not prefix:
+        return None
+    last = ord(prefix[-1])
+    if last == 0x10FFFF:
+        return _prefix_upper_bound(prefix[:-1])
+    return prefix[:-1] + chr(last + 1)
