@@ -47,8 +47,8 @@ async def serve(config: Config) -> int:
         lock.release()
 
 
-async def _serve_locked(config: Config) -> int:
-    loop = asyncio.get_running_loop()
+def build_context(config: Config) -> AppContext:
+    """Plugins, store and journal wired together; the journal is not replayed yet."""
     plugins = make_plugin_manager(config)
     store = Store()
     ctx = AppContext(config=config, store=store, plugins=plugins)
@@ -65,6 +65,21 @@ async def _serve_locked(config: Config) -> int:
     )
     store.attach(journal)
     ctx.journal = journal
+    return ctx
+
+
+def mark_ready(ctx: AppContext) -> None:
+    """After replay: serve, tell plugins, start their background tasks."""
+    ctx.store.ready = True
+    ctx.plugins.hook.startup(ctx=ctx)
+    ctx.start_periodic_tasks()
+
+
+async def _serve_locked(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    ctx = build_context(config)
+    store, journal, plugins = ctx.store, ctx.journal, ctx.plugins
+    assert isinstance(journal, FileJournal)
 
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -89,13 +104,11 @@ async def _serve_locked(config: Config) -> int:
         server.stop()
         journal.close_sync()
         return EXIT_FAILURE
-    store.ready = True
+    mark_ready(ctx)
     log.info(
         "ready: %d keys at revision %d, replay took %.2fs",
         len(store), journal.last_seq, time.monotonic() - started,
     )
-    plugins.hook.startup(ctx=ctx)
-    ctx.start_periodic_tasks()
 
     await stopping.wait()
     log.info("stopping: draining %d in-flight requests", ctx.in_flight)

@@ -5,7 +5,8 @@ short name (a built-in, or an installed entry point in group ``kvd``) or a
 dotted module path (``package.module`` or ``package.module:attribute``).
 A module that defines ``make_plugin(settings)`` gets its ``[plugins.<name>]``
 table and returns the object to register, so each app has its own plugin
-state; any other module or object is registered as it is.
+state; a class without it is instantiated; any other module or object is
+registered as it is.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ def resolve_plugin(name: str) -> Any:
     for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
         return entry.load()
     module_name, _, attribute = name.partition(":")
-    if "." not in module_name and not attribute:
-        raise ConfigError(
-            f"plugins.enabled: no plugin named {name!r} "
-            f"(built-ins: {', '.join(BUILTINS)}; or give a dotted module path)"
-        )
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
+        if "." not in module_name and not attribute:
+            raise ConfigError(
+                f"plugins.enabled: no plugin named {name!r} (built-ins: "
+                f"{', '.join(BUILTINS)}; or an entry point in group 'kvd', or a module path)"
+            ) from None
         raise ConfigError(f"plugins.enabled: cannot import {name!r}: {exc}") from None
     if attribute:
         try:
@@ -65,7 +66,7 @@ def instantiate(target: Any, name: str, settings: dict[str, Any]) -> Any:
     if factory is None:
         if settings:
             raise ConfigError(f"unknown setting 'plugins.{name}.{next(iter(settings))}'")
-        return target
+        return target() if isinstance(target, type) else target
     try:
         return factory(dict(settings))
     except (ValueError, TypeError) as exc:

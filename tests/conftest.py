@@ -1,0 +1,205 @@
+"""Shared fixtures: an in-process app for handler tests, real processes for durability.
+
+Every server binds port 0; nothing here uses a fixed port.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from kvd.app import AppContext
+from kvd.config import load_config
+from kvd.handlers import make_app
+from kvd.log.file import FileJournal
+from kvd.server import build_context, mark_ready
+from kvd.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(rb"listening on http://([^:/\s]+|\[[^\]]+\]):(\d+)")
+
+
+# --- in-process app (pytest-tornado's `app` fixture) -------------------------
+
+
+@dataclass
+class Harness:
+    """The pieces of an in-process server, so tests can look behind the API."""
+
+    ctx: AppContext
+    data_dir: Path
+
+    @property
+    def store(self) -> Store:
+        return self.ctx.store
+
+    @property
+    def journal(self) -> FileJournal:
+        return self.ctx.journal  # type: ignore[return-value]
+
+    def journal_lines(self) -> list[dict[str, Any]]:
+        lines: list[dict[str, Any]] = []
+        for path in sorted(self.data_dir.glob("*.jsonl")):
+            lines += [json.loads(line) for line in path.read_bytes().splitlines() if line]
+        return lines
+
+
+def build_harness(data_dir: Path, **overrides: Any) -> Harness:
+    """An in-process store wired exactly as ``kvd serve`` wires it, replayed and ready.
+
+    Periodic tasks start only when an IOLoop runs (pytest-tornado tests).
+    """
+    settings = {"journal.data_dir": str(data_dir)}
+    settings.update(overrides)
+    config = load_config(None, environ={}, overrides=settings)
+    ctx = build_context(config)
+    ctx.journal.replay()  # type: ignore[union-attr]
+    mark_ready(ctx)
+    return Harness(ctx=ctx, data_dir=data_dir)
+
+
+@pytest.fixture
+def plugin_settings() -> dict[str, Any]:
+    """Override in a test module to change the in-process app's settings."""
+    return {}
+
+
+@pytest.fixture
+def harness(tmp_path: Path, plugin_settings: dict[str, Any], io_loop: Any) -> Iterator[Harness]:
+    """Built on pytest-tornado's ``io_loop``, so periodic tasks run on the test's loop."""
+    built = build_harness(tmp_path / "data", **plugin_settings)
+    yield built
+    built.ctx.stop_periodic_tasks()
+    built.journal.close_sync()
+
+
+@pytest.fixture
+def app(harness: Harness):  # noqa: ANN201 - pytest-tornado's fixture name
+    return make_app(harness.ctx)
+
+
+# --- real server processes ---------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class KvdProcess:
+    """A ``kvd serve`` subprocess on a free loopback port."""
+
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    log_path: Path | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> KvdProcess:
+        self.log_path = self.data_dir.parent / f"kvd-{time.monotonic_ns()}.log"
+        env = {**os.environ, **self.env}
+        env.pop("KVD_SERVER_PORT", None)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kvd", "serve", "--port", "0", "--host", "127.0.0.1",
+             "--data-dir", str(self.data_dir), *self.args],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = LISTENING.search(self.log_path.read_bytes())
+            if match:
+                self.port = int(match.group(2))
+                break
+            if self.process.poll() is not None:
+                raise RuntimeError(f"kvd exited {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        else:
+            raise RuntimeError(f"kvd did not start:\n{self.log()}")
+        if wait_ready:
+            self.wait_ready(deadline - time.monotonic())
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.request("GET", "/readyz").status == 200:
+                    return
+            except OSError:
+                pass
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"kvd exited {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"kvd not ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> Response:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            payload = None
+            all_headers = dict(headers or {})
+            if body is not None:
+                payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+                all_headers.setdefault("Content-Type", "application/json")
+            connection.request(method, path, body=payload, headers=all_headers)
+            response = connection.getresponse()
+            return Response(response.status, dict(response.getheaders()), response.read())
+        finally:
+            connection.close()
+
+    def get_key(self, key: str) -> Response:
+        return self.request("GET", "/keys/" + quote(key, safe=""))
+
+    def kill(self, signum: int = signal.SIGKILL, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def kvd_process(tmp_path: Path) -> Iterator[Any]:
+    """Factory: ``kvd_process(data_dir=None, args=[], env={})`` starts a server; all are killed after."""
+    started: list[KvdProcess] = []
+
+    def start(data_dir: Path | None = None, args: list[str] | None = None,
+              env: dict[str, str] | None = None, wait_ready: bool = True) -> KvdProcess:
+        server = KvdProcess(data_dir or tmp_path / "data", list(args or []), dict(env or {}))
+        started.append(server)
+        return server.start(wait_ready=wait_ready)
+
+    yield start
+    for server in started:
+        server.stop()

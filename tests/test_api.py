@@ -1,0 +1,275 @@
+"""The HTTP API against an in-process app (pytest-tornado), per SPEC section 1."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from tornado.httpclient import HTTPResponse
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def call(
+    http_client: Any, base_url: str, method: str, path: str, body: Any = None,
+    headers: dict[str, str] | None = None, raw: bytes | None = None,
+) -> HTTPResponse:
+    payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if payload is None and method in ("PUT", "POST", "PATCH"):
+        payload = b""
+    all_headers = dict(JSON if (body is not None or raw is not None) else {})
+    all_headers.update(headers or {})
+    return await http_client.fetch(
+        base_url + path, method=method, body=payload, headers=all_headers,
+        raise_error=False, allow_nonstandard_methods=True,
+    )
+
+
+def error_code(response: HTTPResponse) -> str:
+    assert response.headers["Content-Type"].startswith("application/json")
+    return json.loads(response.body)["error"]["code"]
+
+
+@pytest.fixture
+def api(http_client, base_url):  # noqa: ANN001, ANN201
+    async def send(method: str, path: str, body: Any = None, **kwargs: Any) -> HTTPResponse:
+        return await call(http_client, base_url, method, path, body, **kwargs)
+
+    return send
+
+
+# --- reads and writes ---------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_put_batch_then_get_each_key(api, harness):
+    response = await api("PUT", "/keys", {"a": 1, "b": {"x": [1, None]}, "c": None})
+    assert response.code == 200
+    assert json.loads(response.body) == {"revision": 1, "stored": ["a", "b", "c"]}
+    for key, value in {"a": 1, "b": {"x": [1, None]}, "c": None}.items():
+        got = await api("GET", f"/keys/{key}")
+        assert got.code == 200
+        assert json.loads(got.body) == {key: value}
+        assert got.headers["ETag"] == '"1"'
+    assert len(harness.journal_lines()) == 1  # one atomic journal entry for the batch
+
+
+@pytest.mark.gen_test
+async def test_values_read_back_exactly_including_big_integers_and_unicode(api):
+    values = {"big": 123456789012345678901234567890, "neg": -(2**70), "f": 0.1,
+              "s": "ünï €😀", "esc": "a\"b\\c\n", "empty": {}, "list": []}
+    assert (await api("PUT", "/keys", values)).code == 200
+    listing = json.loads((await api("GET", "/keys")).body)
+    assert listing == values
+
+
+@pytest.mark.gen_test
+async def test_keys_with_slashes_spaces_and_unicode_round_trip(api):
+    keys = ["a/b", "with space", "ключ", "?*$\\", "%41"]
+    assert (await api("PUT", "/keys", dict.fromkeys(keys, 1))).code == 200
+    for key in keys:
+        response = await api("GET", "/keys/" + quote(key, safe=""))
+        assert response.code == 200, key
+        assert json.loads(response.body) == {key: 1}
+
+
+@pytest.mark.gen_test
+async def test_get_missing_key_is_404_json(api):
+    response = await api("GET", "/keys/nope")
+    assert response.code == 404
+    assert error_code(response) == "not_found"
+
+
+@pytest.mark.gen_test
+async def test_head_has_etag_and_no_body(api):
+    await api("PUT", "/keys", {"k": "v"})
+    response = await api("HEAD", "/keys/k")
+    assert response.code == 200
+    assert response.headers["ETag"] == '"1"'
+    assert response.body == b""
+    assert (await api("HEAD", "/keys/missing")).code == 404
+
+
+@pytest.mark.gen_test
+async def test_if_none_match_current_etag_gives_304(api):
+    await api("PUT", "/keys", {"k": "v"})
+    response = await api("GET", "/keys/k", headers={"If-None-Match": '"1"'})
+    assert response.code == 304
+    assert (await api("GET", "/keys/k", headers={"If-None-Match": '"7"'})).code == 200
+
+
+@pytest.mark.gen_test
+async def test_overwrite_moves_revision_and_etag(api):
+    await api("PUT", "/keys", {"k": 1})
+    await api("PUT", "/keys", {"other": 1})
+    await api("PUT", "/keys", {"k": 2})
+    response = await api("GET", "/keys/k")
+    assert json.loads(response.body) == {"k": 2}
+    assert response.headers["ETag"] == '"3"'
+
+
+@pytest.mark.gen_test
+async def test_delete_key_then_404_and_journaled(api, harness):
+    await api("PUT", "/keys", {"k": 1, "j": 2})
+    assert (await api("DELETE", "/keys/k")).code == 204
+    assert (await api("GET", "/keys/k")).code == 404
+    assert (await api("GET", "/keys/j")).code == 200
+    missing = await api("DELETE", "/keys/k")
+    assert missing.code == 404 and error_code(missing) == "not_found"
+    assert [line["op"] for line in harness.journal_lines()] == ["put", "delete"]
+
+
+@pytest.mark.gen_test
+async def test_listing_is_sorted_by_code_point(api):
+    keys = ["b", "a", "B", "é", "aa", "z", "😀", "ÿ"]
+    await api("PUT", "/keys", {key: key for key in keys})
+    listing = json.loads((await api("GET", "/keys")).body, object_pairs_hook=list)
+    assert [key for key, _ in listing] == sorted(keys, key=lambda k: k.encode("utf-8"))
+
+
+@pytest.mark.gen_test
+async def test_listing_streams_more_keys_than_one_batch(api):
+    values = {f"k{i:05d}": i for i in range(2500)}
+    await api("PUT", "/keys", values)
+    assert json.loads((await api("GET", "/keys")).body) == values
+
+
+@pytest.mark.gen_test
+async def test_filter_listing_matches_whole_keys(api):
+    await api("PUT", "/keys", dict.fromkeys(["world", "wod", "word", "sword", "k1", "k10", "x"], 0))
+    response = await api("GET", "/keys?filter=" + quote("wo$d"))
+    assert sorted(json.loads(response.body)) == ["wod", "word", "world"]
+    response = await api("GET", "/keys?filter=k1*")
+    assert sorted(json.loads(response.body)) == ["k1", "k10"]
+    bad = await api("GET", "/keys?filter=" + quote("a\\"))
+    assert bad.code == 400 and error_code(bad) == "bad_request"
+
+
+@pytest.mark.gen_test
+async def test_delete_all_is_one_entry_even_when_empty(api, harness):
+    assert (await api("DELETE", "/keys")).code == 204
+    await api("PUT", "/keys", {"a": 1, "b": 2})
+    assert (await api("DELETE", "/keys")).code == 204
+    assert json.loads((await api("GET", "/keys")).body) == {}
+    assert [line["op"] for line in harness.journal_lines()] == ["clear", "put", "clear"]
+    put = await api("PUT", "/keys", {"a": 3})
+    assert json.loads(put.body)["revision"] == 4
+
+
+# --- bad input ----------------------------------------------------------------
+
+
+BAD_BODIES = [
+    (b"{", "bad_request"),
+    (b"[1,2]", "bad_request"),
+    (b"{}", "bad_request"),
+    (b'"text"', "bad_request"),
+    (b'{"a": NaN}', "bad_request"),
+    (b'{"a": Infinity}', "bad_request"),
+    (b'{"a": 1e999}', "bad_request"),
+    (b'{"": 1}', "bad_request"),
+    (b'{"a\\u0001": 1}', "bad_request"),
+    (b'{"a\\u007f": 1}', "bad_request"),
+    (json.dumps({"k" * 1025: 1}).encode(), "bad_request"),
+    (json.dumps({"é" * 513: 1}).encode(), "bad_request"),  # 1026 bytes, 513 characters
+    (b'{"a": ' + b"[" * 200 + b"]" * 200 + b"}", "bad_request"),
+    (b'{"a": "\\ud800"}', "bad_request"),
+    (b"\xff\xfe", "bad_request"),
+    (b"", "bad_request"),
+]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(("raw", "code"), BAD_BODIES)
+async def test_bad_body_is_rejected_and_writes_nothing(api, harness, raw, code):
+    await api("PUT", "/keys", {"keep": 1})
+    response = await api("PUT", "/keys", raw=raw)
+    assert response.code == 400
+    assert error_code(response) == code
+    assert json.loads((await api("GET", "/keys")).body) == {"keep": 1}
+    assert len(harness.journal_lines()) == 1
+    assert json.loads((await api("PUT", "/keys", {"next": 1})).body)["revision"] == 2
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+async def test_wrong_content_type_is_415(http_client, base_url, harness, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = await http_client.fetch(
+        base_url + "/keys", method="PUT", body=b'{"a":1}', headers=headers, raise_error=False
+    )
+    assert response.code == 415
+    assert error_code(response) == "unsupported_media_type"
+    assert harness.journal_lines() == []
+
+
+@pytest.mark.gen_test
+async def test_json_content_type_with_charset_is_accepted(api):
+    response = await api("PUT", "/keys", {"a": 1},
+                         headers={"Content-Type": "application/json; charset=utf-8"})
+    assert response.code == 200
+
+
+@pytest.mark.gen_test
+async def test_value_over_limit_is_413(api, harness):
+    limit = harness.ctx.config.server.max_value_bytes
+    response = await api("PUT", "/keys", {"a": "x" * limit})  # limit + 2 quote bytes
+    assert response.code == 413 and error_code(response) == "payload_too_large"
+    assert (await api("PUT", "/keys", {"a": "x" * (limit - 2)})).code == 200
+
+
+@pytest.mark.gen_test
+async def test_body_over_limit_is_413(api, harness):
+    limit = harness.ctx.config.server.max_body_bytes
+    response = await api("PUT", "/keys", raw=b'{"a":"' + b"x" * limit + b'"}')
+    assert response.code == 413 and error_code(response) == "payload_too_large"
+    assert harness.journal_lines() == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("expire_in", ["0", "-1", "abc", "nan", "inf", "315360001", ""])
+async def test_bad_expire_in_is_400(api, harness, expire_in):
+    response = await api("PUT", "/keys?expire_in=" + quote(expire_in), {"a": 1})
+    assert response.code == 400 and error_code(response) == "bad_request"
+    assert harness.journal_lines() == []
+
+
+@pytest.mark.gen_test
+async def test_unknown_route_is_404_json(api):
+    response = await api("GET", "/nothing/here")
+    assert response.code == 404 and error_code(response) == "not_found"
+
+
+@pytest.mark.gen_test
+async def test_unsupported_method_is_405_with_allow(api):
+    response = await api("POST", "/keys", {"a": 1})
+    assert response.code == 405 and error_code(response) == "method_not_allowed"
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "PUT", "DELETE"}
+    response = await api("PUT", "/healthz", {"a": 1})
+    assert response.code == 405 and response.headers["Allow"] == "GET"
+
+
+@pytest.mark.gen_test
+async def test_health_and_ready(api):
+    health = await api("GET", "/healthz")
+    assert health.code == 200 and json.loads(health.body) == {"status": "ok"}
+    assert (await api("GET", "/readyz")).code == 200
+
+
+@pytest.mark.gen_test
+async def test_not_ready_answers_503_on_keys_and_readyz(api, harness):
+    harness.store.ready = False
+    for path in ("/readyz", "/keys", "/keys/a"):
+        response = await api("GET", path)
+        assert response.code == 503 and error_code(response) == "unavailable"
+        assert response.headers["Retry-After"] == "1"
+    assert (await api("GET", "/healthz")).code == 200
+
+
+@pytest.mark.gen_test
+async def test_bad_utf8_in_path_and_query_is_400(api):
+    assert (await api("GET", "/keys/%ff")).code == 400
+    response = await api("GET", "/keys?filter=%ff")
+    assert response.code == 400 and error_code(response) == "bad_request"
