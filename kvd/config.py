@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A setting is unknown or invalid; the message names it."""
 
 
+class _EnvText(str):
+    """A value from the environment: text that may stand for a number, bool or list."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -162,7 +166,7 @@ def _section(cls: type, values: Any, name: str, **fixed: Any) -> Any:
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check a TOML value (or an environment string) against the field's type."""
-    text = isinstance(value, str)
+    text = isinstance(value, _EnvText)
     if hint is bool:
         if text and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
@@ -185,8 +189,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is str:
-        if text:
-            return value
+        if isinstance(value, str):
+            return str(value)
     elif hint == list[str]:
         if text:
             return [item.strip() for item in value.split(",") if item.strip()]
@@ -213,7 +217,7 @@ def _merge_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
                 name = rest[len(prefix) :].lower()
                 if name not in {f.name for f in dataclasses.fields(cls)} or name == "settings":
                     raise ConfigError(f"unknown setting {variable}")
-                _set_dotted(raw, f"{section}.{name}", value)
+                _set_dotted(raw, f"{section}.{name}", _EnvText(value))
                 break
 
 

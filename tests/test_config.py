@@ -1,0 +1,125 @@
+"""Settings: defaults, file, environment, flags, and exit 2 on anything wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from kvd.config import ConfigError, load_config
+
+
+def test_defaults_match_the_spec(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no config/kvd.toml here
+    config = load_config(None, environ={})
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8000)
+    assert config.journal.data_dir == "data"
+    assert config.journal.fsync == "always"
+    assert config.plugins.enabled == ["expiry", "metrics", "filter"]
+    assert config.server.max_body_bytes == 4 * 1024 * 1024
+    assert config.server.max_value_bytes == 1024 * 1024
+    assert config.source is None
+
+
+def test_shipped_config_file_holds_exactly_the_defaults(tmp_path, monkeypatch):
+    shipped = load_config(REPO / "config" / "kvd.toml", environ={})
+    monkeypatch.chdir(tmp_path)
+    defaults = load_config(None, environ={})
+    assert shipped.server == defaults.server
+    assert shipped.journal == defaults.journal
+    assert shipped.plugins == defaults.plugins
+
+
+def test_default_config_file_is_used_when_present(tmp_path, monkeypatch):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "kvd.toml").write_text("[server]\nport = 9001\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, environ={})
+    assert config.server.port == 9001
+    assert config.source == "config/kvd.toml"
+
+
+def test_precedence_flags_over_environment_over_file(tmp_path):
+    file = tmp_path / "kvd.toml"
+    file.write_text('[server]\nport = 1111\nhost = "0.0.0.0"\n[journal]\nfsync = "no"\n')
+    environ = {"KVD_SERVER_PORT": "2222", "KVD_JOURNAL_FSYNC": "everysec"}
+    config = load_config(file, environ=environ, overrides={"server.port": 3333})
+    assert config.server.port == 3333  # flag
+    assert config.journal.fsync == "everysec"  # environment
+    assert config.server.host == "0.0.0.0"  # file
+
+
+def test_environment_lists_and_booleans_are_parsed():
+    config = load_config(None, environ={
+        "KVD_PLUGINS_ENABLED": "expiry, filter", "KVD_JOURNAL_ARCHIVE": "true",
+        "KVD_JOURNAL_NATS_SERVERS": "nats://a:1,nats://b:2", "KVD_OTHER_THING": "ignored",
+    })
+    assert config.plugins.enabled == ["expiry", "filter"]
+    assert config.journal.archive is True
+    assert config.journal.nats.servers == ["nats://a:1", "nats://b:2"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("[server]\nprot = 1\n", "server.prot"),
+        ("[sever]\nport = 1\n", "sever"),
+        ('[server]\nport = "x"\n', "server.port"),
+        ("[server]\nport = 70000\n", "server.port"),
+        ('[journal]\nfsync = "sometimes"\n', "journal.fsync"),
+        ('[journal]\nbackend = "s3"\n', "journal.backend"),
+        ("[journal]\narchive = 3\n", "journal.archive"),
+        ("[journal.nats]\nstreem = 'X'\n", "journal.nats.streem"),
+        ('[plugins]\nenabled = "expiry"\n', "plugins.enabled"),
+        ("[plugins.expiry]\nsweep_intervall = 1\n", "sweep_intervall"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_settings_raise_naming_the_setting(tmp_path, toml, named):
+    file = tmp_path / "kvd.toml"
+    file.write_text(toml)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        config = load_config(file, environ={})
+        from kvd.plugins import make_plugin_manager
+
+        make_plugin_manager(config)
+
+
+def test_unknown_environment_setting_is_an_error():
+    with pytest.raises(ConfigError, match="KVD_SERVER_PROT"):
+        load_config(None, environ={"KVD_SERVER_PROT": "1"})
+
+
+def run_kvd(*args: str, cwd, env=None) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    return subprocess.run(
+        [sys.executable, "-m", "kvd", *args], capture_output=True, text=True, timeout=60,
+        cwd=cwd, env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+def test_cli_missing_config_file_exits_2_naming_it(tmp_path):
+    result = run_kvd("serve", "--config", "missing.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "missing.toml" in result.stderr
+
+
+def test_cli_invalid_setting_exits_2_naming_it(tmp_path):
+    result = run_kvd("serve", "--port", "0", cwd=tmp_path, env={"KVD_JOURNAL_FSYNC": "never"})
+    assert result.returncode == 2
+    assert "journal.fsync" in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing started, nothing created
+
+
+def test_cli_usage_error_exits_2(tmp_path):
+    result = run_kvd("serve", "--fsync", "sometimes", cwd=tmp_path)
+    assert result.returncode == 2
+    assert run_kvd("frobnicate", cwd=tmp_path).returncode == 2
+
+
+def test_cli_plugins_lists_builtins_and_enabled_state(tmp_path):
+    result = run_kvd("plugins", cwd=tmp_path, env={"KVD_PLUGINS_ENABLED": "filter"})
+    assert result.returncode == 0, result.stderr
+    states = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()}
+    assert states == {"expiry": "disabled", "metrics": "disabled", "filter": "enabled"}

@@ -1,0 +1,203 @@
+"""The expiry and metrics plugins, and what answers when a plugin is switched off."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from conftest import build_harness
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def plugin_settings() -> dict[str, Any]:
+    # A sweep every 60 s: tests decide when expired keys are swept.
+    return {"plugins.expiry": {"sweep_interval": 60}}
+
+
+@pytest.fixture
+def clock(harness) -> FakeClock:  # noqa: ANN001
+    fake = FakeClock()
+    harness.store.clock = fake
+    return fake
+
+
+@pytest.fixture
+def api(http_client, base_url):  # noqa: ANN001, ANN201
+    async def send(method: str, path: str, body: Any = None) -> Any:
+        return await http_client.fetch(
+            base_url + path, method=method, raise_error=False,
+            body=None if body is None else json.dumps(body),
+            headers={"Content-Type": "application/json"} if body is not None else {},
+            allow_nonstandard_methods=True,
+        )
+
+    return send
+
+
+def expiry_plugin(harness):  # noqa: ANN001, ANN201
+    return harness.ctx.plugins.get_plugin("expiry")
+
+
+@pytest.mark.gen_test
+async def test_expired_key_reads_as_absent_everywhere_at_once(api, harness, clock):
+    await api("PUT", "/keys?expire_in=10", {"temp": 1, "tempo": 2})
+    await api("PUT", "/keys", {"keep": 3})
+    assert (await api("GET", "/keys/temp")).code == 200
+    clock.now += 10  # the expiry instant itself counts as expired
+    assert (await api("GET", "/keys/temp")).code == 404
+    assert (await api("HEAD", "/keys/temp")).code == 404
+    assert json.loads((await api("GET", "/keys")).body) == {"keep": 3}
+    assert json.loads((await api("GET", "/keys?filter=temp*")).body) == {}
+    assert (await api("DELETE", "/keys/temp")).code == 404
+    # nothing was swept yet: hiding does not depend on the sweep
+    assert [line["op"] for line in harness.journal_lines()] == ["put", "put"]
+
+
+@pytest.mark.gen_test
+async def test_fractional_expire_in_is_absolute_in_the_journal(api, harness, clock):
+    await api("PUT", "/keys?expire_in=1.5", {"k": 1})
+    line = harness.journal_lines()[0]
+    assert line["expires"] == {"k": "2027-01-15T08:00:01.500000Z"}
+
+
+@pytest.mark.gen_test
+async def test_sweep_journals_expire_records_and_counts_lag(api, harness, clock):
+    await api("PUT", "/keys?expire_in=5", {"a": 1, "b": 2})
+    await api("PUT", "/keys", {"c": 3})
+    clock.now += 7
+    removed = await expiry_plugin(harness).sweep(harness.ctx)
+    assert removed == 2
+    last = harness.journal_lines()[-1]
+    assert last["op"] == "expire" and sorted(last["keys"]) == ["a", "b"]
+    assert len(harness.store) == 1
+    assert await expiry_plugin(harness).sweep(harness.ctx) == 0  # nothing twice
+    metrics = (await api("GET", "/metrics")).body.decode()
+    assert "kvd_expired_keys_total 2.0" in metrics
+    # both keys were removed 2 s after their expiry
+    assert 'kvd_expiry_lag_seconds_bucket{le="1.0"} 0.0' in metrics
+    assert 'kvd_expiry_lag_seconds_bucket{le="2.5"} 2.0' in metrics
+
+
+@pytest.mark.gen_test
+async def test_rewrite_without_expire_in_removes_expiry_and_sweep_spares_it(api, harness, clock):
+    await api("PUT", "/keys?expire_in=5", {"k": 1})
+    await api("PUT", "/keys", {"k": 2})
+    clock.now += 100
+    assert await expiry_plugin(harness).sweep(harness.ctx) == 0
+    assert json.loads((await api("GET", "/keys/k")).body) == {"k": 2}
+
+
+@pytest.mark.gen_test
+async def test_put_over_an_expired_key_creates_it_afresh(api, harness, clock):
+    await api("PUT", "/keys?expire_in=1", {"k": 1})
+    clock.now += 2
+    await api("PUT", "/keys?expire_in=100", {"k": 2})
+    assert await expiry_plugin(harness).sweep(harness.ctx) == 0  # the new write is not swept
+    assert json.loads((await api("GET", "/keys/k")).body) == {"k": 2}
+
+
+@pytest.mark.gen_test
+async def test_restart_never_extends_a_keys_life(api, harness, clock, tmp_path):
+    await api("PUT", "/keys?expire_in=30", {"k": 1})
+    harness.ctx.stop_periodic_tasks()
+    await harness.journal.close()
+    reopened = build_harness(harness.data_dir)
+    try:
+        reopened.store.clock = FakeClock(clock.now + 29)
+        assert reopened.store.get("k") is not None
+        reopened.store.clock = FakeClock(clock.now + 31)
+        assert reopened.store.get("k") is None
+    finally:
+        reopened.ctx.stop_periodic_tasks()
+        reopened.journal.close_sync()
+
+
+@pytest.mark.gen_test
+async def test_replay_of_an_expire_record_removes_the_key_whatever_the_clock(api, harness, clock):
+    await api("PUT", "/keys?expire_in=5", {"k": 1})
+    clock.now += 6
+    await expiry_plugin(harness).sweep(harness.ctx)
+    harness.ctx.stop_periodic_tasks()
+    await harness.journal.close()
+    reopened = build_harness(harness.data_dir)
+    try:
+        reopened.store.clock = FakeClock(0.0)  # a clock far in the past
+        assert reopened.store.get("k") is None and len(reopened.store) == 0
+    finally:
+        reopened.ctx.stop_periodic_tasks()
+        reopened.journal.close_sync()
+
+
+# --- metrics ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_metrics_exposes_request_store_and_journal_metrics(api, harness):
+    await api("PUT", "/keys", {"secret-key-name": 1})
+    await api("GET", "/keys/" + quote("secret-key-name"))
+    await api("GET", "/keys/absent-key")
+    response = await api("GET", "/metrics")
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = response.body.decode()
+    assert 'request_count_total{endpoint="/keys/{id}",method="GET",status="200"} 1.0' in text
+    assert 'request_count_total{endpoint="/keys/{id}",method="GET",status="404"} 1.0' in text
+    assert 'request_latency_seconds_count{endpoint="/keys",method="PUT"} 1.0' in text
+    assert "# TYPE internal_error_count_total counter" in text
+    for name in ("kvd_keys 1.0", "kvd_journal_bytes", "kvd_fsync_seconds_count",
+                 "kvd_commit_batch_records_count", "kvd_replay_seconds", "kvd_revision 1.0",
+                 "kvd_expired_keys_total", "kvd_expiry_lag_seconds_count"):
+        assert name in text, name
+    assert "secret-key-name" not in text and "absent-key" not in text
+
+
+def test_no_metric_label_can_carry_a_raw_key():
+    from kvd.handlers import core_routes
+
+    for _, handler, _ in core_routes(None):  # type: ignore[arg-type]
+        assert "{" in handler.endpoint or "(" not in handler.endpoint
+        assert re.fullmatch(r"/[a-z/{}]*", handler.endpoint)
+
+
+# --- plugins switched off --------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_switched_off_plugins_answer_naming_the_plugin(http_client, tmp_path):
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+
+    from kvd.handlers import make_app
+
+    bare = build_harness(tmp_path / "bare", **{"plugins.enabled": []})
+    sock, port = bind_unused_port()
+    server = HTTPServer(make_app(bare.ctx))
+    server.add_sockets([sock])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        put = await http_client.fetch(url + "/keys?expire_in=5", method="PUT", body=b'{"a":1}',
+                                      headers={"Content-Type": "application/json"},
+                                      raise_error=False)
+        assert put.code == 400 and "'expiry' plugin" in json.loads(put.body)["error"]["message"]
+        listing = await http_client.fetch(url + "/keys?filter=a*", raise_error=False)
+        assert listing.code == 400
+        assert "'filter' plugin" in json.loads(listing.body)["error"]["message"]
+        metrics = await http_client.fetch(url + "/metrics", raise_error=False)
+        assert metrics.code == 404
+        assert "'metrics' plugin" in json.loads(metrics.body)["error"]["message"]
+        assert bare.journal_lines() == []
+    finally:
+        server.stop()
+        bare.journal.close_sync()

@@ -1,0 +1,240 @@
+"""The journal: record format, chain checks, group commit, durability before visibility,
+and what a failed write or fsync does. Fault injection here replaces ``os`` calls
+inside the journal thread; killing real processes is in test_durability.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import threading
+
+import pytest
+
+from kvd.errors import Unavailable
+from kvd.log import file as file_journal
+from kvd.log.format import GENESIS_HASH, RecordError, decode_record, encode_record, segment_name
+from kvd.log.reader import JournalCorrupt, JournalReader
+from kvd.model import Change
+
+
+def write_records(directory, count: int) -> list[bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    lines, prev = [], GENESIS_HASH
+    for seq in range(1, count + 1):
+        line, prev = encode_record(
+            seq=seq, ts="2026-11-27T00:00:00.000000Z", op="put", prev=prev,
+            set_values={f"k{seq}": json.dumps({"n": seq}, separators=(",", ":")).encode()},
+        )
+        lines.append(line)
+    (directory / segment_name(1)).write_bytes(b"".join(lines))
+    return lines
+
+
+def read_all(directory) -> tuple[list[int], JournalReader]:
+    reader = JournalReader(directory)
+    return [record.seq for record in reader.records()], reader
+
+
+# --- format ----------------------------------------------------------------------
+
+
+def test_record_hash_covers_the_line_before_the_hash_field():
+    line, digest = encode_record(seq=1, ts="2026-11-27T18:38:34.123456Z", op="put",
+                                 prev=GENESIS_HASH, set_values={"a": b"[1,2]"})
+    hashed = line[: line.index(b',"hash":"')]
+    assert hashlib.sha256(hashed).hexdigest() == digest
+    fields = json.loads(line)
+    assert list(fields) == ["v", "seq", "ts", "op", "set", "prev", "hash"]
+    assert fields["set"] == {"a": [1, 2]} and fields["hash"] == digest
+    record = decode_record(line)
+    assert record.set == {"a": b"[1,2]"} and record.seq == 1
+
+
+def test_decode_rejects_an_edited_value():
+    line, _ = encode_record(seq=1, ts="t", op="put", prev=GENESIS_HASH, set_values={"a": b"1"})
+    with pytest.raises(RecordError, match="checksum"):
+        decode_record(line.replace(b'"a":1', b'"a":2'))
+
+
+def test_expiry_times_are_absolute_iso_utc():
+    line, _ = encode_record(seq=1, ts="t", op="put", prev=GENESIS_HASH,
+                            set_values={"a": b"1"}, expires={"a": 1795813136.5})
+    assert json.loads(line)["expires"] == {"a": "2026-11-27T20:58:56.500000Z"}
+    assert decode_record(line).expires == {"a": 1795813136.5}
+
+
+# --- reader: tampering of each kind ----------------------------------------------
+
+
+def test_reader_accepts_a_clean_chain(tmp_path):
+    write_records(tmp_path, 5)
+    seqs, reader = read_all(tmp_path)
+    assert seqs == [1, 2, 3, 4, 5] and reader.torn_tail is None
+
+
+@pytest.mark.parametrize("tamper", ["edit", "insert", "remove", "reorder", "rehash_edit"])
+def test_reader_detects_tampering_before_the_end(tmp_path, tamper):
+    lines = write_records(tmp_path, 5)
+    if tamper == "edit":
+        lines[2] = lines[2].replace(b'"n":3', b'"n":9')
+    elif tamper == "insert":
+        lines.insert(2, lines[1])
+    elif tamper == "remove":
+        del lines[2]
+    elif tamper == "reorder":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif tamper == "rehash_edit":
+        # An editor who recomputes the edited record's own hash still breaks the chain.
+        body = lines[2][: lines[2].index(b',"hash":"')].replace(b'"n":3', b'"n":9')
+        lines[2] = body + b',"hash":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+    (tmp_path / segment_name(1)).write_bytes(b"".join(lines))
+    with pytest.raises(JournalCorrupt) as caught:
+        read_all(tmp_path)
+    assert caught.value.path.name == segment_name(1)
+    assert caught.value.seq in (2, 3, 4)
+    assert segment_name(1) in str(caught.value) and f"seq {caught.value.seq}" in str(caught.value)
+
+
+def test_reader_reports_an_unterminated_last_record_as_torn(tmp_path):
+    lines = write_records(tmp_path, 3)
+    path = tmp_path / segment_name(1)
+    path.write_bytes(b"".join(lines)[:-10])
+    seqs, reader = read_all(tmp_path)
+    assert seqs == [1, 2]
+    assert reader.torn_tail is not None
+    assert reader.torn_tail.offset == len(lines[0]) + len(lines[1])
+
+
+def test_reader_reports_nul_padding_as_torn(tmp_path):
+    lines = write_records(tmp_path, 2)
+    (tmp_path / segment_name(1)).write_bytes(b"".join(lines) + b"\x00" * 4096)
+    seqs, reader = read_all(tmp_path)
+    assert seqs == [1, 2] and reader.torn_tail is not None
+
+
+def test_reader_treats_a_complete_bad_last_record_as_corruption(tmp_path):
+    lines = write_records(tmp_path, 3)
+    lines[2] = lines[2].replace(b'"n":3', b'"n":4')
+    (tmp_path / segment_name(1)).write_bytes(b"".join(lines))
+    with pytest.raises(JournalCorrupt, match="seq 3"):
+        read_all(tmp_path)
+
+
+# --- the file journal in a running store -------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_group_commit_shares_one_fsync_among_concurrent_writes(harness, monkeypatch):
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(file_journal.os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    records = await asyncio.gather(*(
+        harness.store.write(Change(op="put", set={f"k{i}": b"1"})) for i in range(50)
+    ))
+    assert sorted(record.seq for record in records) == list(range(1, 51))
+    assert len(calls) < 10  # one write and fsync per loop pass, not per request
+    assert harness.journal.stats.batched_records == 50
+
+
+@pytest.mark.gen_test
+async def test_write_is_invisible_until_durable(harness, monkeypatch):
+    release = threading.Event()
+    real = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(file_journal.os, "fdatasync", slow_fdatasync)
+    pending = asyncio.ensure_future(harness.store.write(Change(op="put", set={"k": b"1"})))
+    await asyncio.sleep(0.05)
+    assert harness.store.get("k") is None  # written, not yet fsynced: not visible
+    assert harness.store.current("k") is not None  # but writers already see it
+    release.set()
+    record = await pending
+    assert harness.store.get("k").revision == record.seq == 1
+
+
+@pytest.mark.gen_test
+async def test_failed_write_answers_503_and_leaves_no_trace(harness, monkeypatch):
+    await harness.store.write(Change(op="put", set={"keep": b"1"}))
+    size_before = (harness.data_dir / segment_name(1)).stat().st_size
+    real_write = os.write
+
+    def failing_write(fd: int, data) -> int:  # noqa: ANN001
+        real_write(fd, bytes(data[:7]))  # a partial write, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(file_journal.os, "write", failing_write)
+    results = await asyncio.gather(
+        harness.store.write(Change(op="put", set={"a": b"1"})),
+        harness.store.write(Change(op="delete", keys=("keep",))),
+        return_exceptions=True,
+    )
+    assert all(isinstance(result, Unavailable) for result in results)
+    assert (harness.data_dir / segment_name(1)).stat().st_size == size_before
+    assert harness.store.get("a") is None and harness.store.current("a") is None
+    assert harness.store.current("keep") is not None
+    monkeypatch.setattr(file_journal.os, "write", real_write)
+    record = await harness.store.write(Change(op="put", set={"b": b"2"}))
+    assert record.seq == 2  # the failed writes consumed no sequence numbers
+    assert harness.journal.writable
+    seqs, _ = read_all(harness.data_dir)
+    assert seqs == [1, 2]
+
+
+@pytest.mark.gen_test
+async def test_failed_fsync_refuses_writes_until_restart_but_serves_reads(
+        harness, monkeypatch, http_client, base_url):
+    await harness.store.write(Change(op="put", set={"keep": b"1"}))
+
+    def failing_fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(file_journal.os, "fdatasync", failing_fdatasync)
+    with pytest.raises(Unavailable):
+        await harness.store.write(Change(op="put", set={"a": b"1"}))
+    monkeypatch.undo()  # even with a healthy disk again, no retry: restart is required
+    with pytest.raises(Unavailable, match="fsync failed"):
+        await harness.store.write(Change(op="put", set={"b": b"1"}))
+    assert not harness.journal.writable
+    ready = await http_client.fetch(base_url + "/readyz", raise_error=False)
+    assert ready.code == 503
+    read = await http_client.fetch(base_url + "/keys/keep", raise_error=False)
+    assert read.code == 200
+    put = await http_client.fetch(base_url + "/keys", method="PUT", body=b'{"c":1}',
+                                  headers={"Content-Type": "application/json"}, raise_error=False)
+    assert put.code == 503 and json.loads(put.body)["error"]["code"] == "unavailable"
+
+
+@pytest.mark.gen_test
+async def test_segments_roll_over_and_replay_across_them(tmp_path):
+    from conftest import build_harness
+
+    harness = build_harness(tmp_path / "d", **{"journal.segment_bytes": 4096})
+    for i in range(40):
+        await harness.store.write(Change(op="put", set={f"k{i}": b'"' + b"x" * 200 + b'"'}))
+    harness.ctx.stop_periodic_tasks()
+    await harness.journal.close()
+    segments = sorted((tmp_path / "d").glob("*.jsonl"))
+    assert len(segments) > 2
+    reopened = build_harness(tmp_path / "d")
+    try:
+        assert len(reopened.store) == 40 and reopened.journal.last_seq == 40
+        record = await reopened.store.write(Change(op="put", set={"next": b"1"}))
+        assert record.seq == 41
+    finally:
+        reopened.ctx.stop_periodic_tasks()
+        reopened.journal.close_sync()
+
+
+@pytest.mark.gen_test
+async def test_delete_of_a_key_whose_put_is_still_in_flight_succeeds(harness):
+    put = harness.store.write(Change(op="put", set={"k": b"1"}))
+    delete = harness.store.write(Change(op="delete", keys=("k",)))
+    first, second = await asyncio.gather(put, delete)
+    assert (first.seq, second.seq) == (1, 2)
+    assert harness.store.get("k") is None and harness.store.current("k") is None
