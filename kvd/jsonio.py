@@ -1,8 +1,8 @@
 """JSON in and out: orjson on the fast path, exact for integers of any size.
 
 orjson reads integers beyond 64 bits as floats and refuses to write them, so
-a body holding a run of 19 or more digits goes through the standard library,
-which keeps them exact. Both paths reject NaN, Infinity and other non-JSON
+a body holding an integer of 19 or more digits goes through the standard
+library, which keeps them exact. Both paths reject NaN, Infinity and other non-JSON
 tokens, and nesting deeper than ``MAX_DEPTH``.
 """
 
@@ -18,7 +18,20 @@ import orjson
 MAX_DEPTH = 128
 """Deepest nesting of arrays and objects a value may have."""
 
-_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+# An integer of 19+ digits in value position (after `:`, `,` or `[`, or alone)
+# may not fit 64 bits. Digit runs inside strings rarely look like that, and a
+# false positive only costs the slower exact parse.
+_LONG_INTEGER = re.compile(rb"[:,\[]\s*-?\d{19}")
+# Maps every digit to "0" and everything else to "x", so a C-speed substring
+# test finds runs of 19 digits before any regex runs.
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x78 for b in range(256))
+_DIGIT_RUN = b"0" * 19
+
+
+def _may_hold_long_integer(raw: bytes) -> bool:
+    if _DIGIT_RUN not in raw.translate(_DIGITS_ONLY):
+        return False
+    return bool(_LONG_INTEGER.search(raw)) or raw.lstrip()[:1] in b"-0123456789"
 
 
 class JSONError(ValueError):
@@ -46,7 +59,7 @@ def loads(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> Any:
     """
     raw = data.encode() if isinstance(data, str) else data
     try:
-        if _LONG_DIGIT_RUN.search(raw):
+        if _may_hold_long_integer(raw):
             value = _exact_decoder.decode(raw.decode("utf-8"))
         else:
             value = orjson.loads(raw)
@@ -60,9 +73,14 @@ def loads(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> Any:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact UTF-8 JSON, the form whose length is a value's size."""
+    """Compact UTF-8 JSON, the form whose length is a value's size.
+
+    The result is an exact-size copy: orjson's own bytes objects keep a 4 KiB
+    allocation however short they are, which would make every stored value
+    cost 4 KiB of memory.
+    """
     try:
-        return orjson.dumps(value)
+        return memoryview(orjson.dumps(value)).tobytes()
     except orjson.JSONEncodeError:
         pass
     check_depth(value)

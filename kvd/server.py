@@ -70,7 +70,7 @@ def build_context(config: Config) -> AppContext:
 
 def mark_ready(ctx: AppContext) -> None:
     """After replay: serve, tell plugins, start their background tasks."""
-    ctx.store.ready = True
+    ctx.store.finish_replay()
     ctx.plugins.hook.startup(ctx=ctx)
     ctx.start_periodic_tasks()
 

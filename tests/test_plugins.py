@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import REPO, build_harness
+
 from kvd.config import ConfigError, load_config
 from kvd.hookspecs import all_hook_names
 from kvd.plugins import make_plugin_manager, resolve_plugin

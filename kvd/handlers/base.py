@@ -8,7 +8,6 @@ unexpected exception), leaves through ``write_error`` as
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
