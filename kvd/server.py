@@ -100,7 +100,10 @@ async def _serve_locked(config: Config) -> int:
     try:
         await loop.run_in_executor(None, journal.replay, _log_progress)
     except JournalCorrupt as exc:
-        log.error("%s; run `kvd journal repair` to cut the damage into quarantine", exc)
+        log.error(
+            "%s; start-up stopped so nothing is lost. See docs/journal-format.md, "
+            "'Recovery', for what to do.", exc,
+        )
         server.stop()
         journal.close_sync()
         return EXIT_FAILURE
