@@ -9,7 +9,7 @@ two in step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -142,5 +142,3 @@ def all_hook_names() -> list[str]:
         if callable(value) and hasattr(value, f"{PROJECT}_spec")
     )
 
-
-__all__: list[Any] = ["hookimpl", "hookspec", "all_hook_names"]

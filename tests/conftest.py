@@ -72,6 +72,28 @@ def build_harness(data_dir: Path, **overrides: Any) -> Harness:
 
 
 @pytest.fixture
+def served() -> Iterator[Any]:
+    """Factory: ``url = served(harness)`` serves another in-process app on a free port."""
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+
+    servers: list[tuple[HTTPServer, Harness]] = []
+
+    def serve(harness: Harness) -> str:
+        sock, port = bind_unused_port()
+        server = HTTPServer(make_app(harness.ctx))
+        server.add_sockets([sock])
+        servers.append((server, harness))
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, harness in servers:
+        server.stop()
+        harness.ctx.stop_periodic_tasks()
+        harness.journal.close_sync()
+
+
+@pytest.fixture
 def plugin_settings() -> dict[str, Any]:
     """Override in a test module to change the in-process app's settings."""
     return {}

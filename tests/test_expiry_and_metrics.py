@@ -8,7 +8,6 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-
 from conftest import build_harness
 
 
@@ -175,29 +174,17 @@ def test_no_metric_label_can_carry_a_raw_key():
 
 
 @pytest.mark.gen_test
-async def test_switched_off_plugins_answer_naming_the_plugin(http_client, tmp_path):
-    from tornado.httpserver import HTTPServer
-    from tornado.testing import bind_unused_port
-
-    from kvd.handlers import make_app
-
+async def test_switched_off_plugins_answer_naming_the_plugin(http_client, served, tmp_path):
     bare = build_harness(tmp_path / "bare", **{"plugins.enabled": []})
-    sock, port = bind_unused_port()
-    server = HTTPServer(make_app(bare.ctx))
-    server.add_sockets([sock])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        put = await http_client.fetch(url + "/keys?expire_in=5", method="PUT", body=b'{"a":1}',
-                                      headers={"Content-Type": "application/json"},
-                                      raise_error=False)
-        assert put.code == 400 and "'expiry' plugin" in json.loads(put.body)["error"]["message"]
-        listing = await http_client.fetch(url + "/keys?filter=a*", raise_error=False)
-        assert listing.code == 400
-        assert "'filter' plugin" in json.loads(listing.body)["error"]["message"]
-        metrics = await http_client.fetch(url + "/metrics", raise_error=False)
-        assert metrics.code == 404
-        assert "'metrics' plugin" in json.loads(metrics.body)["error"]["message"]
-        assert bare.journal_lines() == []
-    finally:
-        server.stop()
-        bare.journal.close_sync()
+    url = served(bare)
+    put = await http_client.fetch(url + "/keys?expire_in=5", method="PUT", body=b'{"a":1}',
+                                  headers={"Content-Type": "application/json"},
+                                  raise_error=False)
+    assert put.code == 400 and "'expiry' plugin" in json.loads(put.body)["error"]["message"]
+    listing = await http_client.fetch(url + "/keys?filter=a*", raise_error=False)
+    assert listing.code == 400
+    assert "'filter' plugin" in json.loads(listing.body)["error"]["message"]
+    metrics = await http_client.fetch(url + "/metrics", raise_error=False)
+    assert metrics.code == 404
+    assert "'metrics' plugin" in json.loads(metrics.body)["error"]["message"]
+    assert bare.journal_lines() == []

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,26 +113,22 @@ def test_example_plugin_loads_by_entry_point(tmp_path, monkeypatch):
 
 
 @pytest.mark.gen_test
-async def test_example_plugin_answers_403_and_writes_nothing(http_client, base_url, harness,
-                                                              example_plugin_path, tmp_path):
-    from kvd.handlers import make_app  # noqa: F401 - the harness below builds its own app
-
+async def test_example_plugin_answers_403_and_writes_nothing(http_client, served, tmp_path,
+                                                              example_plugin_path):
     locked = build_harness(
         tmp_path / "locked",
         **{"plugins.enabled": [*BUILTINS, "kvd_readonly_keys"],
            "plugins.kvd_readonly_keys": {"patterns": ["config/*"]}},
     )
-    try:
-        from kvd.errors import Forbidden
-        from kvd.model import Change
-
-        plugin = locked.ctx.plugins.get_plugin("kvd_readonly_keys")
-        with pytest.raises(Forbidden):
-            plugin.validate_write(ctx=locked.ctx, change=Change(op="put", set={"config/a": b"1"}))
-        plugin.validate_write(ctx=locked.ctx, change=Change(op="put", set={"data/a": b"1"}))
-    finally:
-        locked.ctx.stop_periodic_tasks()
-        locked.journal.close_sync()
+    url = served(locked)
+    response = await fetch(http_client, url, "PUT", "/keys", {"data/a": 1, "config/a": 2})
+    assert response.code == 403
+    assert json.loads(response.body)["error"] == {
+        "code": "forbidden", "message": "key 'config/a' is read-only"}
+    assert locked.journal_lines() == []
+    assert (await fetch(http_client, url, "PUT", "/keys", {"data/a": 1})).code == 200
+    assert (await fetch(http_client, url, "DELETE", "/keys")).code == 204  # nothing locked yet
+    assert [line["op"] for line in locked.journal_lines()] == ["put", "clear"]
 
 
 # --- every hook -------------------------------------------------------------------
@@ -231,38 +226,24 @@ async def test_hook_resolve_expiry_first_answer_wins(tmp_path):
 
 @pytest.mark.gen_test
 async def test_hook_internal_error_counts_failing_observers_and_loses_nothing(
-        http_client, base_url, tmp_path):
-    from kvd.handlers import make_app
-
+        http_client, served, tmp_path):
     harness = build_harness(
         tmp_path / "d", **{"plugins.enabled": [*BUILTINS, RECORDER, "sample_plugins:FailingObserver"]}
     )
-    try:
-        app = make_app(harness.ctx)
-        from tornado.httpserver import HTTPServer
-        from tornado.testing import bind_unused_port
-
-        sock, port = bind_unused_port()
-        server = HTTPServer(app)
-        server.add_sockets([sock])
-        url = f"http://127.0.0.1:{port}"
-        response = await fetch(http_client, url, "PUT", "/keys", {"a": 1})
-        assert response.code == 200
-        assert json.loads((await fetch(http_client, url, "GET", "/keys/a")).body) == {"a": 1}
-        await asyncio.sleep(0.1)  # the failing periodic task ran a few times
-        errors = [call["error"] for call in recorder_of(harness).calls["internal_error"]]
-        assert "plugin_sample_plugins:FailingObserver" in errors
-        assert "task_explode" in errors
-        metrics = (await fetch(http_client, url, "GET", "/metrics")).body.decode()
-        assert re.search(
-            r'internal_error_count_total\{error="plugin_sample_plugins:FailingObserver"\} 1\.0', metrics
-        )
-        # the recorder (registered after) still observed the write
-        assert recorder_of(harness).calls["after_commit"] == [{"seq": 1, "op": "put"}]
-        server.stop()
-    finally:
-        harness.ctx.stop_periodic_tasks()
-        harness.journal.close_sync()
+    url = served(harness)
+    response = await fetch(http_client, url, "PUT", "/keys", {"a": 1})
+    assert response.code == 200
+    assert json.loads((await fetch(http_client, url, "GET", "/keys/a")).body) == {"a": 1}
+    await asyncio.sleep(0.1)  # the failing periodic task ran a few times
+    errors = [call["error"] for call in recorder_of(harness).calls["internal_error"]]
+    assert "plugin_sample_plugins:FailingObserver" in errors
+    assert "task_explode" in errors
+    metrics = (await fetch(http_client, url, "GET", "/metrics")).body.decode()
+    assert re.search(
+        r'internal_error_count_total\{error="plugin_sample_plugins:FailingObserver"\} 1\.0', metrics
+    )
+    # the recorder (registered after) still observed the write
+    assert recorder_of(harness).calls["after_commit"] == [{"seq": 1, "op": "put"}]
 
 
 # --- docs and tests stay in step with the specs --------------------------------------
@@ -283,7 +264,3 @@ def test_disabled_plugin_feature_names_the_plugin(tmp_path):
         assert harness.ctx.plugins.hook.resolve_expiry(expire_in="1", now=0.0) is None
     finally:
         harness.journal.close_sync()
-
-
-def _unused(_: Path) -> None:  # keep Path imported for type hints in fixtures
-    return None

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tornado.web import Application
+import logging
+
+from tornado.web import Application, RequestHandler
 
 from kvd.app import AppContext, Route
 from kvd.handlers.base import NotFoundHandler
@@ -33,13 +35,13 @@ def make_app(ctx: AppContext) -> Application:
     )
 
 
-def _log_request(handler) -> None:  # noqa: ANN001
-    """Access log: method, route template and status; never the raw path (keys may be secret)."""
-    import logging
+access_log = logging.getLogger("kvd.access")
 
-    access = logging.getLogger("kvd.access")
-    if access.isEnabledFor(logging.INFO):
-        access.info(
+
+def _log_request(handler: RequestHandler) -> None:
+    """Access log: method, route template and status; never the raw path (keys may be secret)."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
             "%s %s %d %.1fms",
             handler.request.method,
             getattr(handler, "endpoint", "unmatched"),
