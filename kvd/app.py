@@ -51,6 +51,7 @@ class AppContext:
         self.reads_transformed = bool(hook.transform_read.get_hookimpls())
         self.writes_validated = bool(hook.validate_write.get_hookimpls())
         self.requests_observed = bool(hook.request_finished.get_hookimpls())
+        self.requests_authenticated = bool(hook.authenticate.get_hookimpls())
         self._commit_observers = hook.after_commit.get_hookimpls()
         if self._commit_observers:
             self.store.observers.append(self._observe_commit)

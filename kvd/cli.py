@@ -1,4 +1,4 @@
-"""The ``kvd`` command: ``serve`` and ``plugins`` (``journal`` tools come with the audit work).
+"""The ``kvd`` command: ``serve``, ``plugins`` and ``token`` (``journal`` tools come with the audit work).
 
 Usage errors and bad settings exit 2 with a message naming the problem.
 """
@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = commands.add_parser("plugins", help="list plugins and which are enabled")
     _add_config_option(plugins)
+
+    token = commands.add_parser("token", help="manage the auth plugin's bearer tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    token_new = token_commands.add_parser(
+        "new", help="make a token: print it once, with the line to add to [plugins.auth] tokens"
+    )
+    _add_config_option(token_new)
+    token_new.add_argument("name", metavar="NAME", help="the token's name (recorded as the actor of its writes)")
+    token_new.add_argument(
+        "--scope", required=True, action="append", metavar="SCOPES",
+        help="comma-separated scopes: read, write, admin (admin implies all)",
+    )
     return parser
 
 
@@ -59,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.command == "serve":
             return _serve(config, args)
+        if args.command == "token":
+            return _new_token(args)
         return _list_plugins(config)
     except ConfigError as exc:
         print(f"kvd: error: {exc}", file=sys.stderr)
@@ -102,4 +116,35 @@ def _list_plugins(config: Config) -> int:
         state = "enabled " if name in enabled else "disabled"
         where = available_plugins().get(name, name)
         print(f"{name:<{width}}  {state}  {where}" + (f"  hooks: {', '.join(hooks)}" if hooks else ""))
+    return 0
+
+
+def _new_token(args: argparse.Namespace) -> int:
+    """Print a fresh token (stdout line 1) and its config line (line 2); kvd keeps only the digest."""
+    import json
+    import secrets
+
+    from kvd.plugins.auth import SCOPES, check_name, check_scopes, token_digest
+
+    requested = [part.strip() for value in args.scope for part in value.split(",") if part.strip()]
+    try:
+        name = check_name(args.name, "token")
+        scopes = check_scopes(requested, "--scope")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    ordered = [scope for scope in SCOPES if scope in scopes]
+    token = secrets.token_urlsafe(32)
+    # JSON string syntax is valid TOML basic-string syntax for every name check_name allows.
+    line = (
+        f"{{ name = {json.dumps(name, ensure_ascii=False)}, sha256 = \"{token_digest(token)}\", "
+        f"scopes = {json.dumps(ordered)} }}"
+    )
+    print(
+        "kvd: the token is shown once and kvd keeps only its SHA-256; store it now. "
+        "Add the second line to tokens in [plugins.auth]:",
+        file=sys.stderr,
+        flush=True,
+    )
+    print(token)
+    print(line)
     return 0

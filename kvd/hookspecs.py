@@ -15,6 +15,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from tornado.httputil import HTTPServerRequest
 
     from kvd.app import AppContext, PeriodicTask, Route
     from kvd.log.format import Record
@@ -66,6 +67,19 @@ def shutdown(ctx: AppContext) -> None:
 
 
 # --- requests --------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def authenticate(request: HTTPServerRequest, scope: str, endpoint: str) -> str | None:
+    """Called before each request to a route that needs a scope: who asks, and may they.
+
+    ``scope`` is what the route needs by default (``read``, ``write`` or
+    ``admin``); ``endpoint`` is its route template. Return the principal's
+    name (recorded as the journal's ``actor`` of the writes it makes), or None
+    for no opinion. Raise ``kvd.errors.Unauthorized`` (401) or
+    ``kvd.errors.Forbidden`` (403) to refuse. Stops at the first non-None result.
+    """
+
 
 
 @hookspec(firstresult=True)

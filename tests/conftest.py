@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from tornado.httputil import HTTPHeaders
 
 from kvd.app import AppContext
 from kvd.config import load_config
@@ -119,7 +120,7 @@ def app(harness: Harness):  # noqa: ANN201 - pytest-tornado's fixture name
 @dataclass
 class Response:
     status: int
-    headers: dict[str, str]
+    headers: HTTPHeaders
     body: bytes
 
     def json(self) -> Any:
@@ -192,7 +193,10 @@ class KvdProcess:
                 all_headers.setdefault("Content-Type", "application/json")
             connection.request(method, path, body=payload, headers=all_headers)
             response = connection.getresponse()
-            return Response(response.status, dict(response.getheaders()), response.read())
+            headers = HTTPHeaders()  # case-insensitive, like HTTP
+            for name, value in response.getheaders():
+                headers.add(name, value)
+            return Response(response.status, headers, response.read())
         finally:
             connection.close()
 

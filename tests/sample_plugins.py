@@ -111,3 +111,18 @@ class ExpiryAnswer:
     @hookimpl(tryfirst=True)
     def resolve_expiry(self, expire_in: str, now: float) -> float | None:
         return now + 1000 if expire_in == "fixed" else None
+
+
+class HeaderAuth:
+    """Trusts an ``X-Who`` header: enough to test the authenticate hook's contract."""
+
+    @hookimpl
+    def authenticate(self, request: Any, scope: str, endpoint: str) -> str | None:
+        from kvd.errors import Unauthorized
+
+        who = request.headers.get("X-Who")
+        if who is None:
+            raise Unauthorized(f"{endpoint} needs {scope}")
+        if who == "reader" and scope != "read":
+            raise Forbidden(f"reader may not {scope}")
+        return who

@@ -9,14 +9,7 @@ from urllib.parse import quote
 
 import pytest
 from conftest import build_harness
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests_support import FakeClock
 
 
 @pytest.fixture

@@ -264,3 +264,24 @@ def test_disabled_plugin_feature_names_the_plugin(tmp_path):
         assert harness.ctx.plugins.hook.resolve_expiry(expire_in="1", now=0.0) is None
     finally:
         harness.journal.close_sync()
+
+
+@pytest.mark.gen_test
+async def test_hook_authenticate_refuses_and_names_the_actor(http_client, served, tmp_path):
+    harness = build_harness(tmp_path / "d", **{"plugins.enabled": [*BUILTINS, "sample_plugins:HeaderAuth"]})
+    url = served(harness)
+
+    async def send(method: str, path: str, who: str | None, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/json"} | ({"X-Who": who} if who else {})
+        return await http_client.fetch(url + path, method=method, headers=headers, raise_error=False,
+                                       body=None if body is None else json.dumps(body))
+
+    assert (await send("PUT", "/keys", None, {"a": 1})).code == 401
+    assert (await send("PUT", "/keys", "reader", {"a": 1})).code == 403
+    assert harness.journal_lines() == []
+    assert (await send("PUT", "/keys", "alice", {"a": 1})).code == 200
+    assert (await send("GET", "/keys/a", "reader")).code == 200
+    assert (await send("GET", "/keys/a", None)).code == 401
+    assert (await send("GET", "/metrics", "reader")).code == 403  # metrics need admin
+    assert (await send("GET", "/healthz", None)).code == 200  # always open
+    assert [line.get("actor") for line in harness.journal_lines()] == ["alice"]

@@ -24,9 +24,18 @@ JSON_TYPE = "application/json"
 _STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
 
+READ, WRITE, ADMIN = "read", "write", "admin"
+
+
 class BaseHandler(RequestHandler):
     endpoint = "unmatched"
     """The route template for metrics and logs; never a raw path (keys stay out)."""
+
+    scopes: dict[str, str] = {}
+    """The scope each method needs (checked by an ``authenticate`` plugin); absent: open."""
+
+    principal: str | None = None
+    """Who is asking, when a plugin knows it; recorded as the actor of writes."""
 
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -41,6 +50,12 @@ class BaseHandler(RequestHandler):
     def prepare(self) -> None:
         self.ctx.in_flight += 1
         self._counted = True
+        if self.ctx.requests_authenticated:
+            scope = self.scopes.get(self.request.method or "")
+            if scope is not None:
+                self.principal = self.ctx.plugins.hook.authenticate(
+                    request=self.request, scope=scope, endpoint=self.endpoint
+                )
 
     def on_finish(self) -> None:
         if getattr(self, "_counted", False):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import orjson
 from tornado.web import stream_request_body
@@ -12,16 +15,20 @@ from kvd.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
+    PreconditionFailed,
     UnsupportedMediaType,
     plugin_required,
 )
-from kvd.handlers.base import JSON_TYPE, BaseHandler
+from kvd.handlers.base import JSON_TYPE, READ, WRITE, BaseHandler
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT
 from kvd.model import Change, Entry, KeyFilter
 
 MAX_KEY_BYTES = 1024
+MERGE_PATCH_TYPE = "application/merge-patch+json"
 _CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
 LISTING_BATCH = 1000
+MAX_LIMIT = 10_000
+CURSOR_VERSION = b"k"  # the cursor is this byte then the last key returned, base64url
 
 
 def check_key(key: str) -> str:
@@ -47,6 +54,8 @@ def etag(entry: Entry) -> str:
 class KeysBodyHandler(BaseHandler):
     """Reads a JSON body under the size limit, answering 413/415 before parsing."""
 
+    scopes = {"GET": READ, "HEAD": READ, "PUT": WRITE, "PATCH": WRITE, "DELETE": WRITE}
+
     def prepare(self) -> None:
         super().prepare()
         self._body = bytearray()
@@ -64,20 +73,24 @@ class KeysBodyHandler(BaseHandler):
             return
         self._body += chunk
 
-    def json_body(self) -> Any:
-        """The parsed body; 415 for a non-JSON content type, 413 over the limit, 400 if bad."""
+    def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
+        """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
+
+        ``depth`` is how many levels the body adds above the values it holds.
+        """
         content_type = self.request.headers.get("Content-Type", "")
         media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type != JSON_TYPE:
+        if media_type not in media_types:
             raise UnsupportedMediaType(
-                f"body must be sent as {JSON_TYPE}, not {media_type or 'no content type'}"
+                f"body must be sent as {' or '.join(media_types)}, "
+                f"not {media_type or 'no content type'}"
             )
         if self._too_large:
             raise PayloadTooLarge(f"body is larger than {self._max_body} bytes")
         if not self._body:
             raise BadRequest("body must not be empty")
         try:
-            return jsonio.loads(bytes(self._body), max_depth=jsonio.MAX_DEPTH + 1)
+            return jsonio.loads(bytes(self._body), max_depth=jsonio.MAX_DEPTH + depth)
         except jsonio.JSONError as exc:
             raise BadRequest(str(exc)) from None
 
@@ -103,6 +116,7 @@ class KeysBodyHandler(BaseHandler):
         return expires_at
 
     async def commit(self, change: Change):  # noqa: ANN201 - returns a Record
+        change.actor = self.principal
         if self.ctx.writes_validated:
             self.ctx.plugins.hook.validate_write(ctx=self.ctx, change=change)
         return await self.store.write(change)
@@ -114,19 +128,22 @@ class KeysHandler(KeysBodyHandler):
     async def get(self) -> None:
         self.require_ready()
         key_filter = self._key_filter()
+        limit = self._limit()
+        after = self._cursor()
         self.set_header("Content-Type", JSON_TYPE)
-        transform = self.ctx.plugins.hook.transform_read if self.ctx.reads_transformed else None
+        if limit is None and after is None:
+            await self._stream_all(key_filter)
+            return
+        page, more = self._page(key_filter, after, limit or MAX_LIMIT)
+        if more:
+            self.set_header("Link", f'<{self._next_url(page[-1][0], limit)}>; rel="next"')
+        body = b",".join(orjson.dumps(key) + b":" + value for key, value in page)
+        self.finish(b"{" + body + b"}")
+
+    async def _stream_all(self, key_filter: KeyFilter | None) -> None:
         opened = False
         for batch in self.store.scan(key_filter, batch=LISTING_BATCH):
-            parts = []
-            for key, entry in batch:
-                value = entry.value
-                if transform is not None:
-                    replaced = transform(key=key, value=value)
-                    if replaced is HIDDEN:
-                        continue
-                    value = replaced if replaced is not None else value
-                parts.append(orjson.dumps(key) + b":" + value)
+            parts = [orjson.dumps(key) + b":" + value for key, value in self._visible(batch)]
             if not parts:
                 continue
             self.write((b"," if opened else b"{") + b",".join(parts))
@@ -134,6 +151,59 @@ class KeysHandler(KeysBodyHandler):
             if len(batch) >= LISTING_BATCH:
                 await self.flush()  # stream: never build the whole listing in memory
         self.finish(b"}" if opened else b"{}")
+
+    def _page(
+        self, key_filter: KeyFilter | None, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, bytes]], bool]:
+        """Up to ``limit`` visible pairs after ``after``, and whether more remain."""
+        page: list[tuple[str, bytes]] = []
+        for batch in self.store.scan(key_filter, after=after, batch=min(limit + 1, LISTING_BATCH)):
+            for pair in self._visible(batch):
+                if len(page) == limit:
+                    return page, True
+                page.append(pair)
+        return page, False
+
+    def _visible(self, batch: list[tuple[str, Entry]]) -> Iterator[tuple[str, bytes]]:
+        """Pairs as readers see them, after any ``transform_read`` plugin."""
+        if not self.ctx.reads_transformed:
+            for key, entry in batch:
+                yield key, entry.value
+            return
+        transform = self.ctx.plugins.hook.transform_read
+        for key, entry in batch:
+            replaced = transform(key=key, value=entry.value)
+            if replaced is not HIDDEN:
+                yield key, entry.value if replaced is None else replaced
+
+    def _limit(self) -> int | None:
+        raw = self.query("limit")
+        if raw is None:
+            return None
+        if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+            raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
+        return int(raw)
+
+    def _cursor(self) -> str | None:
+        raw = self.query("cursor")
+        if raw is None:
+            return None
+        try:
+            decoded = base64.urlsafe_b64decode(raw.encode("ascii") + b"=" * (-len(raw) % 4))
+            version, key = decoded[:1], decoded[1:].decode("utf-8")
+        except (ValueError, UnicodeError):
+            raise BadRequest("cursor is not one this server gave out") from None
+        if version != CURSOR_VERSION or not key:
+            raise BadRequest("cursor is not one this server gave out")
+        return key
+
+    def _next_url(self, last_key: str, limit: int | None) -> str:
+        cursor = base64.urlsafe_b64encode(CURSOR_VERSION + last_key.encode()).rstrip(b"=").decode()
+        params = {"limit": str(limit or MAX_LIMIT), "cursor": cursor}
+        pattern = self.query("filter")
+        if pattern is not None:
+            params["filter"] = pattern
+        return "/keys?" + urlencode(params, quote_via=quote)
 
     def _key_filter(self) -> KeyFilter | None:
         pattern = self.query("filter")
@@ -199,12 +269,75 @@ class KeyHandler(KeysBodyHandler):
         self.set_header("Content-Type", JSON_TYPE)
         self.finish()
 
+    async def put(self, key: str) -> None:
+        self.require_ready()
+        check_key(key)
+        value = self.encode_value(key, self.json_body(depth=0))
+        expires_at = self.expiry_for_write()
+        current = self.store.current(key)
+        self._check_preconditions(key, current, none_match_allowed=True)
+        expires = {key: expires_at} if expires_at is not None else {}
+        record = await self.commit(Change(op=OP_PUT, set={key: value}, expires=expires))
+        self.set_header("ETag", f'"{record.seq}"')
+        self.send_json(b"{" + orjson.dumps(key) + b":" + value + b"}", 201 if current is None else 200)
+
+    async def patch(self, key: str) -> None:
+        self.require_ready()
+        check_key(key)
+        patch = self.json_body((MERGE_PATCH_TYPE, JSON_TYPE), depth=0)
+        current = self.store.current(key)
+        self._check_preconditions(key, current)
+        if current is None:
+            raise NotFound(f"key {key!r} not found")
+        merged = merge_patch(jsonio.loads(current.value, max_depth=None), patch)
+        value = self.encode_value(key, merged)
+        expires = {key: current.expires_at} if current.expires_at is not None else {}
+        record = await self.commit(Change(op=OP_PUT, set={key: value}, expires=expires))
+        self.set_header("ETag", f'"{record.seq}"')
+        self.send_json(b"{" + orjson.dumps(key) + b":" + value + b"}")
+
     async def delete(self, key: str) -> None:
         self.require_ready()
         check_key(key)
+        self._check_preconditions(key, self.store.current(key))
         await self.commit(Change(op=OP_DELETE, keys=(key,)))
         self.set_status(204)
         self.finish()
+
+    def _check_preconditions(
+        self, key: str, current: Entry | None, none_match_allowed: bool = False
+    ) -> None:
+        """If-Match / If-None-Match: * against what writers see (RFC 9110 section 13).
+
+        The caller journals the write right after, with no await in between,
+        so check and write are one atomic compare-and-set.
+        """
+        if_match = self.request.headers.get("If-Match")
+        if if_match is not None:
+            if current is None or not _etag_matches(if_match, etag(current)):
+                raise PreconditionFailed(
+                    f"key {key!r} is absent" if current is None
+                    else f"key {key!r} is at revision {etag(current)}, not {if_match}"
+                )
+        if_none_match = self.request.headers.get("If-None-Match")
+        if if_none_match is not None and none_match_allowed:
+            if if_none_match.strip() != "*":
+                raise BadRequest("If-None-Match on a write only takes '*'")
+            if current is not None:
+                raise PreconditionFailed(f"key {key!r} already exists")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON Merge Patch: objects merge recursively, null removes, the rest replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for name, value in patch.items():
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = merge_patch(result.get(name), value)
+    return result
 
 
 def _etag_matches(header: str | None, tag: str) -> bool:

@@ -25,6 +25,7 @@ BUILTINS = {
     "expiry": "kvd.plugins.expiry",
     "metrics": "kvd.plugins.metrics",
     "filter": "kvd.plugins.filter",
+    "auth": "kvd.plugins.auth",
 }
 
 

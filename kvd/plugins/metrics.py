@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from kvd import hookimpl
 from kvd.app import AppContext, Route
-from kvd.handlers.base import BaseHandler
+from kvd.handlers.base import ADMIN, BaseHandler
 
 FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -111,6 +111,7 @@ class StoreCollector(Collector):
 
 class MetricsHandler(BaseHandler):
     endpoint = "/metrics"
+    scopes = {"GET": ADMIN}
 
     def initialize(self, ctx: AppContext, registry: CollectorRegistry) -> None:  # type: ignore[override]
         super().initialize(ctx)
