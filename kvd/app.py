@@ -52,7 +52,8 @@ class AppContext:
         self.writes_validated = bool(hook.validate_write.get_hookimpls())
         self.requests_observed = bool(hook.request_finished.get_hookimpls())
         self.requests_authenticated = bool(hook.authenticate.get_hookimpls())
-        self._commit_observers = hook.after_commit.get_hookimpls()
+        # pluggy calls the last registered first (tryfirst/trylast reorder it).
+        self._commit_observers = hook.after_commit.get_hookimpls()[::-1]
         if self._commit_observers:
             self.store.observers.append(self._observe_commit)
 

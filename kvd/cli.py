@@ -90,8 +90,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     )
     logging.getLogger("kvd.access").setLevel(logging.INFO if args.access_log else logging.WARNING)
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
-    make_plugin_manager(config)  # fail with exit 2 on a bad plugin before anything starts
-    return _run(serve(config))
+    plugins = make_plugin_manager(config)  # a bad plugin exits 2 before anything starts
+    return _run(serve(config, plugins))
 
 
 def _run(main_coroutine) -> int:  # noqa: ANN001
@@ -128,7 +128,7 @@ def _new_token(args: argparse.Namespace) -> int:
 
     requested = [part.strip() for value in args.scope for part in value.split(",") if part.strip()]
     try:
-        name = check_name(args.name, "token")
+        name = check_name(args.name, "token NAME")
         scopes = check_scopes(requested, "--scope")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

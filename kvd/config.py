@@ -18,6 +18,7 @@ DEFAULT_CONFIG_PATH = Path("config/kvd.toml")
 FSYNC_POLICIES = ("always", "everysec", "no")
 BACKENDS = ("file", "nats")
 ENV_PREFIX = "KVD_"
+TEST_ENV_PREFIX = "KVD_TEST_"
 
 
 class ConfigError(ValueError):
@@ -141,6 +142,10 @@ def _check_values(server: ServerConfig, journal: JournalConfig, plugins: Plugins
         )
     if journal.backend not in BACKENDS:
         raise ConfigError(f"journal.backend must be one of {', '.join(BACKENDS)}")
+    if journal.backend != "file":
+        raise ConfigError(
+            f"journal.backend = {journal.backend!r} is not available in this release; use 'file'"
+        )
     if journal.segment_bytes < 4096:
         raise ConfigError("journal.segment_bytes must be at least 4096")
     if journal.compact_dead_ratio < 0 or journal.compact_min_dead_bytes < 0:
@@ -201,7 +206,12 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 
 
 def _merge_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Apply ``KVD_SERVER_*``, ``KVD_JOURNAL_*``, ``KVD_JOURNAL_NATS_*``, ``KVD_PLUGINS_*``."""
+    """Apply every ``KVD_<SECTION>_<NAME>`` variable; an unknown one is an error.
+
+    ``KVD_PLUGINS_<PLUGIN>_<SETTING>`` sets ``[plugins.<plugin>] <setting>``,
+    its value read as a TOML value when it is one (``0.5``, ``["a"]``), else
+    as text. Names under ``KVD_TEST_`` are left to the test suite.
+    """
     sections = {
         "SERVER_": ("server", ServerConfig),
         "JOURNAL_NATS_": ("journal.nats", NatsConfig),
@@ -209,16 +219,40 @@ def _merge_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         "PLUGINS_": ("plugins", PluginsConfig),
     }
     for variable, value in sorted(environ.items()):
-        if not variable.startswith(ENV_PREFIX):
+        if not variable.startswith(ENV_PREFIX) or variable.startswith(TEST_ENV_PREFIX):
             continue
         rest = variable[len(ENV_PREFIX) :]
         for prefix, (section, cls) in sections.items():
-            if rest.startswith(prefix):
-                name = rest[len(prefix) :].lower()
-                if name not in {f.name for f in dataclasses.fields(cls)} or name == "settings":
-                    raise ConfigError(f"unknown setting {variable}")
+            if not rest.startswith(prefix):
+                continue
+            name = rest[len(prefix) :].lower()
+            if name in {f.name for f in dataclasses.fields(cls)} - {"settings", "nats"}:
                 _set_dotted(raw, f"{section}.{name}", _EnvText(value))
-                break
+            elif section == "plugins" and "_" in name:
+                plugin, setting = _split_plugin_setting(name, raw)
+                _set_dotted(raw, f"plugins.{plugin}.{setting}", _toml_value(value))
+            else:
+                raise ConfigError(f"unknown setting {variable}")
+            break
+        else:
+            raise ConfigError(f"unknown setting {variable}")
+
+
+def _split_plugin_setting(name: str, raw: dict[str, Any]) -> tuple[str, str]:
+    """``expiry_sweep_interval`` -> (``expiry``, ``sweep_interval``), preferring known plugins."""
+    known = set(raw.get("plugins", {})) | set(PluginsConfig().enabled)
+    for plugin in sorted(known, key=len, reverse=True):
+        if name.startswith(plugin.lower() + "_"):
+            return plugin, name[len(plugin) + 1 :]
+    plugin, _, setting = name.partition("_")
+    return plugin, setting
+
+
+def _toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

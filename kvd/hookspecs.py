@@ -58,7 +58,7 @@ def periodic_tasks(ctx: AppContext) -> list[PeriodicTask]:
 
 @hookspec
 def startup(ctx: AppContext) -> None:
-    """Called once when replay is done, just before the store reports ready."""
+    """Called once when replay is done and the store serves, before periodic tasks start."""
 
 
 @hookspec

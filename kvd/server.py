@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 
+import pluggy
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -31,7 +32,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, plugins: pluggy.PluginManager | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit status."""
     # A file-size limit must fail the write (EFBIG -> 503), not kill the server.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -42,26 +43,33 @@ async def serve(config: Config) -> int:
         log.error("%s", exc)
         return EXIT_FAILURE
     try:
-        return await _serve_locked(config)
+        return await _serve_locked(config, plugins)
     finally:
         lock.release()
 
 
-def build_context(config: Config) -> AppContext:
+def build_context(config: Config, plugins: pluggy.PluginManager | None = None) -> AppContext:
     """Plugins, store and journal wired together; the journal is not replayed yet."""
-    plugins = make_plugin_manager(config)
+    if plugins is None:
+        plugins = make_plugin_manager(config)
     store = Store()
     ctx = AppContext(config=config, store=store, plugins=plugins)
     synced = plugins.hook.journal_synced
+
+    def observe_sync(seconds: float, records: int, nbytes: int) -> None:
+        try:
+            synced(seconds=seconds, records=records, nbytes=nbytes)
+        except Exception as exc:
+            log.exception("journal_synced hook failed")
+            ctx.report_error("hook_journal_synced", exc)
+
     journal = FileJournal(
         config.data_dir,
         fsync=config.journal.fsync,
         segment_bytes=config.journal.segment_bytes,
         on_commit=store.apply,
         on_abort=store.abort_pending,
-        on_synced=lambda seconds, records, nbytes: synced(
-            seconds=seconds, records=records, nbytes=nbytes
-        ),
+        on_synced=observe_sync,
     )
     store.attach(journal)
     ctx.journal = journal
@@ -75,9 +83,9 @@ def mark_ready(ctx: AppContext) -> None:
     ctx.start_periodic_tasks()
 
 
-async def _serve_locked(config: Config) -> int:
+async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) -> int:
     loop = asyncio.get_running_loop()
-    ctx = build_context(config)
+    ctx = build_context(config, plugins)
     store, journal, plugins = ctx.store, ctx.journal, ctx.plugins
     assert isinstance(journal, FileJournal)
 
@@ -91,7 +99,12 @@ async def _serve_locked(config: Config) -> int:
         idle_connection_timeout=60.0,
         body_timeout=30.0,
     )
-    sockets = bind_sockets(config.server.port, config.server.host, family=socket.AF_UNSPEC)
+    try:
+        sockets = bind_sockets(config.server.port, config.server.host, family=socket.AF_UNSPEC)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, exc.strerror)
+        journal.close_sync()
+        return EXIT_FAILURE
     server.add_sockets(sockets)
     host, port = sockets[0].getsockname()[:2]
     log.info("listening on http://%s:%d (data in %s)", _url_host(host), port, config.data_dir)

@@ -174,14 +174,19 @@ class Store:
         try:
             future = self.journal.append(change)
         except JournalUnavailable as exc:
-            raise Unavailable(str(exc), headers={"Retry-After": "1"}) from None
+            raise self._unavailable(exc) from None
         ordinal = next(self._ordinals)
         self._note_pending(change, ordinal)
         try:
             record = await asyncio.shield(future)
         except JournalUnavailable as exc:
-            raise Unavailable(str(exc), headers={"Retry-After": "1"}) from None
+            raise self._unavailable(exc) from None
         return record
+
+    def _unavailable(self, exc: JournalUnavailable) -> Unavailable:
+        """503; ``Retry-After`` only when a retry can succeed without a restart."""
+        retry = self.journal is not None and self.journal.writable
+        return Unavailable(str(exc), headers={"Retry-After": "1"} if retry else None)
 
     def _note_pending(self, change: Change, ordinal: int) -> None:
         if change.op == OP_CLEAR:

@@ -273,3 +273,26 @@ async def test_bad_utf8_in_path_and_query_is_400(api):
     assert (await api("GET", "/keys/%ff")).code == 400
     response = await api("GET", "/keys?filter=%ff")
     assert response.code == 400 and error_code(response) == "bad_request"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/keys?at=1", "/keys/k?at=2026-11-27T00:00:00Z"])
+async def test_time_travel_reads_are_refused_not_answered_with_the_present(api, path):
+    await api("PUT", "/keys", {"k": 1})
+    response = await api("GET", path)
+    assert response.code == 400 and "?at=" in json.loads(response.body)["error"]["message"]
+
+
+@pytest.mark.gen_test
+async def test_head_length_is_what_get_would_send(api):
+    await api("PUT", "/keys", {"k": {"a": [1, 2, 3]}})
+    get = await api("GET", "/keys/k")
+    head = await api("HEAD", "/keys/k")
+    assert int(head.headers["Content-Length"]) == len(get.body)
+
+
+@pytest.mark.gen_test
+async def test_listing_has_no_etag_so_no_stale_304(api):
+    await api("PUT", "/keys", {"k": 1})
+    response = await api("GET", "/keys")
+    assert "ETag" not in response.headers

@@ -54,7 +54,7 @@ def test_precedence_flags_over_environment_over_file(tmp_path):
 def test_environment_lists_and_booleans_are_parsed():
     config = load_config(None, environ={
         "KVD_PLUGINS_ENABLED": "expiry, filter", "KVD_JOURNAL_ARCHIVE": "true",
-        "KVD_JOURNAL_NATS_SERVERS": "nats://a:1,nats://b:2", "KVD_OTHER_THING": "ignored",
+        "KVD_JOURNAL_NATS_SERVERS": "nats://a:1,nats://b:2", "KVD_TEST_THING": "ignored",
     })
     assert config.plugins.enabled == ["expiry", "filter"]
     assert config.journal.archive is True
@@ -122,4 +122,44 @@ def test_cli_plugins_lists_builtins_and_enabled_state(tmp_path):
     result = run_kvd("plugins", cwd=tmp_path, env={"KVD_PLUGINS_ENABLED": "filter"})
     assert result.returncode == 0, result.stderr
     states = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()}
-    assert states == {"expiry": "disabled", "metrics": "disabled", "filter": "enabled"}
+    # other installed plugins (entry points) may be listed too, all disabled
+    assert {name: states[name] for name in ("expiry", "metrics", "filter")} == {
+        "expiry": "disabled", "metrics": "disabled", "filter": "enabled"}
+    assert set(states.values()) == {"enabled", "disabled"}
+
+
+def test_plugin_settings_from_the_environment_are_read_as_toml_values():
+    config = load_config(None, environ={"KVD_PLUGINS_EXPIRY_SWEEP_INTERVAL": "0.5",
+                                        "KVD_PLUGINS_EXPIRY_SWEEP_BATCH": "10"})
+    assert config.plugins.settings == {"expiry": {"sweep_interval": 0.5, "sweep_batch": 10}}
+
+
+def test_unknown_environment_section_is_an_error_but_test_names_are_left_alone():
+    with pytest.raises(ConfigError, match="KVD_SEVER_PORT"):
+        load_config(None, environ={"KVD_SEVER_PORT": "1"})
+    load_config(None, environ={"KVD_TEST_EXAMPLES": "5"})
+
+
+def test_backends_not_in_this_release_are_refused():
+    with pytest.raises(ConfigError, match="journal.backend"):
+        load_config(None, environ={"KVD_JOURNAL_BACKEND": "nats"})
+
+
+def test_cli_port_in_use_exits_1_with_a_message(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_kvd("serve", "--port", str(port), "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_plugin_that_fails_to_import_exits_2(tmp_path):
+    (tmp_path / "broken_plugin.py").write_text("def oops(:\n")
+    result = run_kvd("plugins", cwd=tmp_path, env={"KVD_PLUGINS_ENABLED": "broken_plugin",
+                                                    "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert "broken_plugin" in result.stderr and "SyntaxError" in result.stderr

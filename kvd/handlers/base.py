@@ -41,6 +41,10 @@ class BaseHandler(RequestHandler):
         self.ctx = ctx
         self.store = ctx.store
 
+    def compute_etag(self) -> None:
+        """No body-hash ETags: a key's ETag is its revision, set by the handler."""
+        return None
+
     def set_default_headers(self) -> None:
         self.clear_header("Server")
         self.set_header("Cache-Control", "no-store")
@@ -96,6 +100,9 @@ class BaseHandler(RequestHandler):
     def require_ready(self) -> None:
         if not self.store.ready:
             raise Unavailable("kvd is replaying its journal", headers={"Retry-After": "1"})
+        if "at" in self.request.query_arguments:
+            # Silently answering with the current state would be a wrong answer.
+            raise BadRequest("?at= (reading a past state) is not available in this release")
 
     def send_json(self, body: bytes, status: int = 200) -> None:
         self.set_status(status)

@@ -265,8 +265,11 @@ class KeyHandler(KeysBodyHandler):
         self.send_json(b"{" + orjson.dumps(key) + b":" + value + b"}")
 
     def head(self, key: str) -> None:
-        self._read(key)
+        value = self._read(key)
         self.set_header("Content-Type", JSON_TYPE)
+        if self.get_status() != 304:
+            # The length GET would send: {"<key>":<value>}
+            self.set_header("Content-Length", len(orjson.dumps(key)) + len(value) + 3)
         self.finish()
 
     async def put(self, key: str) -> None:

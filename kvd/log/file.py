@@ -267,7 +267,11 @@ class FileJournal(Journal):
 
     def _roll_segment(self, first_seq: int) -> None:
         assert self._fd is not None
-        os.fdatasync(self._fd)
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._refuse_after_failed_fsync(exc)
+            raise
         os.close(self._fd)
         self._fd = None
         self._open_active(self.directory / segment_name(first_seq))
@@ -278,20 +282,22 @@ class FileJournal(Journal):
         while not self._closed and self._refusal is None:
             await asyncio.sleep(1.0)
             if self._unsynced:
-                await loop.run_in_executor(self._io, self._sync_now)
+                seconds = await loop.run_in_executor(self._io, self._sync_now)
+                if seconds is not None and self.on_synced is not None:
+                    self.on_synced(seconds, 0, 0)
 
-    def _sync_now(self) -> None:
+    def _sync_now(self) -> float | None:
+        """Runs on the journal thread: the ``everysec`` fsync; returns its duration."""
         if self._fd is None or not self._unsynced:
-            return
+            return None
         self._unsynced = False
         started = time.monotonic()
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
             self._refuse_after_failed_fsync(exc)
-            return
-        if self.on_synced is not None:
-            self.on_synced(time.monotonic() - started, 0, 0)
+            return None
+        return time.monotonic() - started
 
     # --- shutdown ----------------------------------------------------------
 

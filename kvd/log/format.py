@@ -119,6 +119,8 @@ def decode_record(line: bytes) -> Record:
     except jsonio.JSONError as exc:
         raise RecordError(f"not JSON: {exc}") from None
     try:
+        if fields.get("v") != FORMAT_VERSION:
+            raise RecordError(f"unsupported format version {fields.get('v')!r}")
         op = fields["op"]
         if op not in OPS:
             raise RecordError(f"unknown op {op!r}")

@@ -47,12 +47,16 @@ def resolve_plugin(name: str) -> Any:
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        if "." not in module_name and not attribute:
+        if "." not in module_name and not attribute and exc.name == module_name:
             raise ConfigError(
                 f"plugins.enabled: no plugin named {name!r} (built-ins: "
                 f"{', '.join(BUILTINS)}; or an entry point in group 'kvd', or a module path)"
             ) from None
         raise ConfigError(f"plugins.enabled: cannot import {name!r}: {exc}") from None
+    except Exception as exc:  # a plugin that fails while importing: SyntaxError, ...
+        raise ConfigError(
+            f"plugins.enabled: importing {name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
     if attribute:
         try:
             target = getattr(target, attribute)

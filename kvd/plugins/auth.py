@@ -60,24 +60,22 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def check_name(name: Any, where: str) -> str:
-    """A token name: a non-empty string without control characters."""
+def check_name(name: Any, label: str) -> str:
+    """A token name: a non-empty string without control characters; ``label`` names the setting."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{where}.name must be a non-empty string")
+        raise ValueError(f"{label} must be a non-empty string")
     if _CONTROL.search(name):
-        raise ValueError(f"{where}.name must not contain control characters")
+        raise ValueError(f"{label} must not contain control characters")
     return name
 
 
-def check_scopes(scopes: Any, where: str) -> frozenset[str]:
+def check_scopes(scopes: Any, label: str) -> frozenset[str]:
     """A token's scopes: a non-empty list drawn from read, write and admin."""
     if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
-        raise ValueError(f"{where}.scopes must be a non-empty list of {', '.join(SCOPES)}")
+        raise ValueError(f"{label} must be a non-empty list of {', '.join(SCOPES)}")
     unknown = [scope for scope in scopes if scope not in SCOPES]
     if unknown:
-        raise ValueError(
-            f"{where}.scopes: unknown scope {unknown[0]!r} (scopes are {', '.join(SCOPES)})"
-        )
+        raise ValueError(f"{label}: unknown scope {unknown[0]!r} (scopes are {', '.join(SCOPES)})")
     return frozenset(scopes)
 
 
@@ -94,7 +92,7 @@ def _parse_tokens(entries: Any) -> tuple[Token, ...]:
         where = f"plugins.auth.tokens[{index}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{where} must be a table with name, sha256 and scopes")
-        name = check_name(entry.get("name"), where)
+        name = check_name(entry.get("name"), f"{where}.name")
         where = f"{where} (token {name!r})"
         unknown = sorted(set(entry) - {"name", "sha256", "scopes"})
         if unknown:
@@ -111,7 +109,7 @@ def _parse_tokens(entries: Any) -> tuple[Token, ...]:
         raw = bytes.fromhex(digest)
         if raw in digests:
             raise ValueError(f"{where}.sha256 is the same as another token's")
-        scopes = check_scopes(entry.get("scopes"), where)
+        scopes = check_scopes(entry.get("scopes"), f"{where}.scopes")
         names.add(name)
         digests.add(raw)
         tokens.append(Token(name=name, digest=raw, scopes=scopes))
