@@ -35,7 +35,13 @@ class ServerConfig:
     port: int = 8000
     max_body_bytes: int = 4 * 1024 * 1024
     max_value_bytes: int = 1024 * 1024
+    max_keys_per_request: int = 10_000
+    max_header_bytes: int = 64 * 1024
+    idle_timeout: float = 60.0  # also bounds how long a client may take to send headers
+    body_timeout: float = 30.0
     drain_seconds: float = 30.0
+    certfile: str = ""  # PEM certificate (chain); with keyfile, serve HTTPS
+    keyfile: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,9 +137,16 @@ def _build(raw: dict[str, Any]) -> Config:
 def _check_values(server: ServerConfig, journal: JournalConfig, plugins: PluginsConfig) -> None:
     if not 0 <= server.port <= 65535:
         raise ConfigError(f"server.port must be 0-65535, not {server.port}")
-    for name in ("max_body_bytes", "max_value_bytes"):
-        if getattr(server, name) < 1:
+    for name in ("max_body_bytes", "max_value_bytes", "max_keys_per_request",
+                 "max_header_bytes", "idle_timeout", "body_timeout"):
+        if getattr(server, name) <= 0:
             raise ConfigError(f"server.{name} must be positive")
+    if bool(server.certfile) != bool(server.keyfile):
+        raise ConfigError("server.certfile and server.keyfile must be given together")
+    for name in ("certfile", "keyfile"):
+        path = getattr(server, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"server.{name}: no such file {path!r}")
     if server.drain_seconds < 0:
         raise ConfigError("server.drain_seconds must not be negative")
     if journal.fsync not in FSYNC_POLICIES:

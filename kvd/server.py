@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import time
 
 import pluggy
@@ -93,11 +94,20 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
 
+    settings = config.server
+    try:
+        tls = _tls_context(settings.certfile, settings.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot load TLS certificate or key: %s", exc)
+        journal.close_sync()
+        return EXIT_FAILURE
     server = HTTPServer(
         make_app(ctx),
-        max_body_size=config.server.max_body_bytes + 1,
-        idle_connection_timeout=60.0,
-        body_timeout=30.0,
+        ssl_options=tls,
+        max_body_size=settings.max_body_bytes + 1,
+        max_header_size=settings.max_header_bytes,
+        idle_connection_timeout=settings.idle_timeout,
+        body_timeout=settings.body_timeout,
     )
     try:
         sockets = bind_sockets(config.server.port, config.server.host, family=socket.AF_UNSPEC)
@@ -107,7 +117,8 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         return EXIT_FAILURE
     server.add_sockets(sockets)
     host, port = sockets[0].getsockname()[:2]
-    log.info("listening on http://%s:%d (data in %s)", _url_host(host), port, config.data_dir)
+    scheme = "https" if tls is not None else "http"
+    log.info("listening on %s://%s:%d (data in %s)", scheme, _url_host(host), port, config.data_dir)
 
     started = time.monotonic()
     try:
@@ -141,6 +152,15 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     await journal.close()
     log.info("stopped at revision %d", journal.last_seq)
     return EXIT_OK
+
+
+def _tls_context(certfile: str, keyfile: str) -> ssl.SSLContext | None:
+    if not certfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 def _log_progress(done: int, total: int) -> None:

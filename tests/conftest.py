@@ -30,7 +30,7 @@ from kvd.server import build_context, mark_ready
 from kvd.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(rb"listening on http://([^:/\s]+|\[[^\]]+\]):(\d+)")
+LISTENING = re.compile(rb"listening on https?://([^:/\s]+|\[[^\]]+\]):(\d+)")
 
 
 # --- in-process app (pytest-tornado's `app` fixture) -------------------------

@@ -221,6 +221,9 @@ class KeysHandler(KeysBodyHandler):
             raise BadRequest("body must be a JSON object of key/value pairs")
         if not body:
             raise BadRequest("body must hold at least one key/value pair")
+        most = self.ctx.config.server.max_keys_per_request
+        if len(body) > most:
+            raise PayloadTooLarge(f"body holds {len(body)} keys; at most {most} per request")
         expires_at = self.expiry_for_write()
         values = {check_key(key): self.encode_value(key, value) for key, value in body.items()}
         expires = dict.fromkeys(values, expires_at) if expires_at is not None else {}

@@ -1,0 +1,130 @@
+"""Limits and hostile clients: slow senders, huge heads, many keys, TLS, nothing secret logged."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+
+@pytest.fixture
+def plugin_settings():  # noqa: ANN201
+    return {"server.max_keys_per_request": 3}
+
+
+@pytest.mark.gen_test
+async def test_too_many_keys_in_one_put_is_413_and_writes_nothing(http_client, base_url, harness):
+    async def put(body: dict) -> int:
+        response = await http_client.fetch(base_url + "/keys", method="PUT", body=json.dumps(body),
+                                           headers={"Content-Type": "application/json"},
+                                           raise_error=False)
+        return response.code
+
+    assert await put({"a": 1, "b": 2, "c": 3, "d": 4}) == 413
+    assert harness.journal_lines() == []
+    assert await put({"a": 1, "b": 2, "c": 3}) == 200
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Send ``trickle`` a byte at a time until the server hangs up; how long that took."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    position = 0
+    while time.monotonic() - started < seconds:
+        try:
+            if position < len(trickle):
+                sock.sendall(trickle[position : position + 1])
+                position += 1
+            data = sock.recv(4096)
+            if data == b"" or data.startswith(b"HTTP/1.1 4"):
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - started
+    return None
+
+
+@pytest.mark.slow
+def test_slow_clients_are_cut_off_and_others_keep_being_served(kvd_process):
+    server = kvd_process(env={"KVD_SERVER_IDLE_TIMEOUT": "1", "KVD_SERVER_BODY_TIMEOUT": "1"})
+    # slowloris: headers that never end, one byte every 0.2 s
+    head = socket.create_connection(("127.0.0.1", server.port))
+    head.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    took = closed_within(head, 10, trickle=b"X-Slow: " + b"a" * 200)
+    assert took is not None and took < 5, took
+    # a body that never arrives in full
+    body = socket.create_connection(("127.0.0.1", server.port))
+    body.sendall(b"PUT /keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"a\":")
+    took = closed_within(body, 10)
+    assert took is not None and took < 5, took
+    assert server.request("GET", "/healthz").status == 200
+    assert server.request("GET", "/keys").json() == {}  # the partial body wrote nothing
+
+
+@pytest.mark.slow
+def test_oversized_request_head_is_refused_and_the_server_carries_on(kvd_process):
+    server = kvd_process(env={"KVD_SERVER_MAX_HEADER_BYTES": "4096"})
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("GET", "/healthz", headers={"X-Big": "a" * 8192})
+        status = connection.getresponse().status
+    except (ConnectionError, http.client.RemoteDisconnected):
+        status = None  # hanging up is also a refusal
+    finally:
+        connection.close()
+    assert status in (None, 400, 431)
+    assert server.request("GET", "/healthz").status == 200
+
+
+@pytest.mark.slow
+def test_tls_serves_https_with_the_configured_certificate(kvd_process, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    config = tmp_path / "tls.toml"
+    config.write_text(f'[server]\ncertfile = "{cert}"\nkeyfile = "{key}"\n')
+    server = kvd_process(args=["--config", str(config)], wait_ready=False)
+    assert "listening on https://" in server.log()
+    context = ssl.create_default_context(cafile=str(cert))
+    deadline = time.monotonic() + 30
+    while True:
+        connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+        connection.request("GET", "/readyz")
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        if response.status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert response.status == 200
+    connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+    connection.request("PUT", "/keys/k", body=b'"v"', headers={"Content-Type": "application/json"})
+    assert connection.getresponse().status == 201
+    connection.close()
+    with pytest.raises((ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)):
+        server.request("GET", "/healthz")  # plain HTTP to the TLS port gets no answer
+
+
+@pytest.mark.slow
+def test_values_are_never_logged(kvd_process):
+    server = kvd_process(args=["--access-log", "--log-level", "debug"])
+    secret_value = "s3cr3t-value-6b1f"
+    secret_key = "s3cr3t-key-93ad"
+    assert server.request("PUT", "/keys", {secret_key: secret_value}).status == 200
+    assert server.request("GET", f"/keys/{secret_key}").status == 200
+    assert server.request("PUT", "/keys", b"{bad", headers={"Content-Type": "text/plain"}).status == 415
+    server.kill(15)
+    log = server.log()
+    assert "PUT /keys 200" in log  # the access log is on
+    assert secret_value not in log and secret_key not in log
