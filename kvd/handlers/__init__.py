@@ -10,6 +10,7 @@ from kvd.app import AppContext, Route
 from kvd.handlers.base import NotFoundHandler
 from kvd.handlers.health import HealthHandler, ReadyHandler
 from kvd.handlers.keys import KeyHandler, KeysHandler
+from kvd.handlers.openapi import OpenAPIHandler
 
 
 def core_routes(ctx: AppContext) -> list[Route]:
@@ -19,6 +20,7 @@ def core_routes(ctx: AppContext) -> list[Route]:
         (r"/keys/(.+)", KeyHandler, shared),
         (r"/healthz", HealthHandler, shared),
         (r"/readyz", ReadyHandler, shared),
+        (r"/openapi\.json", OpenAPIHandler, shared),
     ]
 
 
