@@ -123,10 +123,15 @@ class Store:
         return entry
 
     async def write(self, change: Change) -> Record:
-        """Journal a put, delete or clear and wait until it is durable and applied.
+        """Journal a change and wait until it is durable and applied.
 
         Raises NotFound for a delete of an absent key, Unavailable when the
         journal refuses the write. Nothing changes when it raises.
+
+        Invariant: everything up to the journal append runs without yielding
+        to the event loop, so a caller that checks ``current()`` and then
+        awaits this (with no await in between) performs an atomic
+        compare-and-set against every other write.
         """
         if change.op == OP_DELETE and any(self.current(key) is None for key in change.keys):
             raise NotFound(f"key {change.keys[0]!r} not found")
