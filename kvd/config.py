@@ -19,6 +19,7 @@ FSYNC_POLICIES = ("always", "everysec", "no")
 BACKENDS = ("file", "nats")
 ENV_PREFIX = "KVD_"
 TEST_ENV_PREFIX = "KVD_TEST_"
+BUILTIN_PLUGINS = ("expiry", "metrics", "filter", "auth")
 
 
 class ConfigError(ValueError):
@@ -242,7 +243,7 @@ def _merge_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             if name in {f.name for f in dataclasses.fields(cls)} - {"settings", "nats"}:
                 _set_dotted(raw, f"{section}.{name}", _EnvText(value))
             elif section == "plugins" and "_" in name:
-                plugin, setting = _split_plugin_setting(name, raw)
+                plugin, setting = _split_plugin_setting(name, raw, environ)
                 _set_dotted(raw, f"plugins.{plugin}.{setting}", _toml_value(value))
             else:
                 raise ConfigError(f"unknown setting {variable}")
@@ -251,14 +252,27 @@ def _merge_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             raise ConfigError(f"unknown setting {variable}")
 
 
-def _split_plugin_setting(name: str, raw: dict[str, Any]) -> tuple[str, str]:
-    """``expiry_sweep_interval`` -> (``expiry``, ``sweep_interval``), preferring known plugins."""
-    known = set(raw.get("plugins", {})) | set(PluginsConfig().enabled)
+def _split_plugin_setting(name: str, raw: dict[str, Any], environ: Mapping[str, str]) -> tuple[str, str]:
+    """``expiry_sweep_interval`` -> (``expiry``, ``sweep_interval``) for a known plugin.
+
+    Known: built-ins, plugins with a table in the file, and those enabled in
+    the file or by ``KVD_PLUGINS_ENABLED``. Anything else is a misspelling.
+    """
+    plugins = raw.get("plugins", {})
+    enabled = plugins.get("enabled", [])
+    from_env = environ.get(f"{ENV_PREFIX}PLUGINS_ENABLED", "")
+    known = (
+        set(BUILTIN_PLUGINS)
+        | {table for table, value in plugins.items() if isinstance(value, dict)}
+        | {item for item in enabled if isinstance(item, str)}
+        | {item.strip() for item in from_env.split(",") if item.strip()}
+    )
     for plugin in sorted(known, key=len, reverse=True):
         if name.startswith(plugin.lower() + "_"):
             return plugin, name[len(plugin) + 1 :]
-    plugin, _, setting = name.partition("_")
-    return plugin, setting
+    raise ConfigError(
+        f"unknown setting {ENV_PREFIX}PLUGINS_{name.upper()}: no known plugin's name starts it"
+    )
 
 
 def _toml_value(text: str) -> Any:

@@ -163,3 +163,23 @@ def test_cli_plugin_that_fails_to_import_exits_2(tmp_path):
                                                     "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2
     assert "broken_plugin" in result.stderr and "SyntaxError" in result.stderr
+
+
+def test_misspelt_plugin_in_an_environment_setting_is_an_error():
+    with pytest.raises(ConfigError, match="KVD_PLUGINS_EXPRIY_SWEEP_INTERVAL"):
+        load_config(None, environ={"KVD_PLUGINS_EXPRIY_SWEEP_INTERVAL": "0.5"})
+
+
+def test_environment_setting_of_a_plugin_with_underscores_in_its_name():
+    config = load_config(None, environ={
+        "KVD_PLUGINS_ENABLED": "filter,kvd_readonly_keys",
+        "KVD_PLUGINS_KVD_READONLY_KEYS_PATTERNS": '["config/*"]',
+    })
+    assert config.plugins.settings == {"kvd_readonly_keys": {"patterns": ["config/*"]}}
+
+
+def test_builtin_plugin_names_agree_with_the_resolver():
+    from kvd.config import BUILTIN_PLUGINS
+    from kvd.plugins import BUILTINS
+
+    assert set(BUILTIN_PLUGINS) == set(BUILTINS)

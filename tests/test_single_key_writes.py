@@ -274,3 +274,19 @@ async def test_keys_that_exist_throughout_a_walk_appear_exactly_once(api):
 async def test_bad_limit_or_cursor_is_400(api, query):
     response = await api("GET", "/keys?" + query)
     assert response.code == 400 and error(response) == "bad_request"
+
+
+@pytest.mark.gen_test
+async def test_if_match_uses_strong_comparison(api, harness):
+    await api("PUT", "/keys/k", 1)
+    weak = await api("PUT", "/keys/k", 2, headers={"If-Match": 'W/"1"'})
+    assert weak.code == 412
+    assert (await api("PUT", "/keys/k", 2, headers={"If-Match": '"7", "1"'})).code == 200
+
+
+@pytest.mark.gen_test
+async def test_patch_refuses_expire_in(api, harness):
+    await api("PUT", "/keys/k", {"a": 1})
+    response = await api("PATCH", "/keys/k?expire_in=5", {"b": 2})
+    assert response.code == 400 and error(response) == "bad_request"
+    assert len(harness.journal_lines()) == 1

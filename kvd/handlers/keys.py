@@ -291,6 +291,8 @@ class KeyHandler(KeysBodyHandler):
         self.require_ready()
         check_key(key)
         patch = self.json_body((MERGE_PATCH_TYPE, JSON_TYPE), depth=0)
+        if self.query("expire_in") is not None:
+            raise BadRequest("PATCH keeps the key's expiry; set a new one with PUT ?expire_in=")
         current = self.store.current(key)
         self._check_preconditions(key, current)
         if current is None:
@@ -320,7 +322,7 @@ class KeyHandler(KeysBodyHandler):
         """
         if_match = self.request.headers.get("If-Match")
         if if_match is not None:
-            if current is None or not _etag_matches(if_match, etag(current)):
+            if current is None or not _etag_matches_strongly(if_match, etag(current)):
                 raise PreconditionFailed(
                     f"key {key!r} is absent" if current is None
                     else f"key {key!r} is at revision {etag(current)}, not {if_match}"
@@ -352,3 +354,10 @@ def _etag_matches(header: str | None, tag: str) -> bool:
     if header.strip() == "*":
         return True
     return any(candidate.strip().removeprefix("W/") == tag for candidate in header.split(","))
+
+
+def _etag_matches_strongly(header: str, tag: str) -> bool:
+    """If-Match uses strong comparison (RFC 9110 section 13.1.1): a weak tag never matches."""
+    if header.strip() == "*":
+        return True
+    return any(candidate.strip() == tag for candidate in header.split(","))

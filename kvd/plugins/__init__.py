@@ -21,7 +21,7 @@ from kvd import hookspecs
 from kvd.config import Config, ConfigError
 
 ENTRY_POINT_GROUP = "kvd"
-BUILTINS = {
+BUILTINS = {  # keys are config.BUILTIN_PLUGINS (config may not import this module)
     "expiry": "kvd.plugins.expiry",
     "metrics": "kvd.plugins.metrics",
     "filter": "kvd.plugins.filter",
@@ -42,7 +42,13 @@ def resolve_plugin(name: str) -> Any:
     if name in BUILTINS:
         return importlib.import_module(BUILTINS[name])
     for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        return entry.load()
+        try:
+            return entry.load()
+        except Exception as exc:  # ImportError, SyntaxError, ... inside the plugin
+            raise ConfigError(
+                f"plugins.enabled: loading entry point {name!r} ({entry.value}) failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
     module_name, _, attribute = name.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
