@@ -28,3 +28,31 @@ lint: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Benchmarks (docs/benchmarks.md): `make bench` and `make bench-replay`, in their
+# own environment so the benchmark's extra packages never reach .venv.
+# Flags go through BENCH_ARGS and REPLAY_ARGS, e.g.
+#   make bench BENCH_ARGS="--duration 5 --servers kvd,etcd"
+#   make bench-replay REPLAY_ARGS="--records 200000"
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_ARGS ?=
+REPLAY_ARGS ?=
+
+.PHONY: bench bench-replay
+
+$(BENCH_VENV)/.installed: requirements.txt pyproject.toml bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	printf '*\n' > $(BENCH_VENV)/.gitignore
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	$(BENCH_PY) -m pip install --quiet -r requirements.txt -r bench/requirements.txt
+	$(BENCH_PY) -m pip install --quiet pickledb==0.9.2 || echo "note: pickledb 0.9.2 did not install; the benchmark skips the original design"
+	$(BENCH_PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(BENCH_PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	bash bench/setup.sh
+	$(BENCH_PY) bench/run.py $(BENCH_ARGS)
+
+bench-replay: $(BENCH_VENV)/.installed
+	$(BENCH_PY) bench/replay.py $(REPLAY_ARGS)

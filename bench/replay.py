@@ -1,0 +1,231 @@
+"""Start-up cost of a large journal: replay time and memory of ``kvd serve`` against the live data.
+
+    python bench/replay.py [--records 1000000] [--keys 100000,1000000] [--repeats 3]
+
+For each key count it writes a journal of RECORDS put records with
+bench/make_journal.py (one key per record, ~100-byte values, keys cycling
+over KEYS names; KEYS = RECORDS makes every record a distinct key), then
+REPEATS times copies it to a fresh data directory, starts
+``kvd serve --port 0`` on it (pinned to core 0) and measures:
+
+- ready: seconds from starting the process to the first 200 from /readyz
+  (interpreter start-up and imports included);
+- replay: the ``replay took`` figure kvd logs;
+- peak RSS (VmHWM) once ready;
+
+against the raw live data: the sum, over live keys, of the key's UTF-8 bytes
+and the value's compact JSON bytes. The journal was just written, so it is
+read from the page cache. Prints medians and the ratios to the targets
+(replay of 1M records <= 3 s; RSS <= 2.5x the raw live data) and writes
+bench/results/replay.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import servers
+from make_journal import make_journal
+from run import machine_info
+from servers import BENCH_DIR, HOST, REPO_ROOT, Options, call
+
+REPLAY_TOOK = re.compile(rb"replay took ([0-9.]+)s")
+REPLAY_TARGET_S = 3.0  # per million records
+RSS_TARGET_RATIO = 2.5
+
+
+def live_bytes(directory: Path) -> tuple[int, int]:
+    """(live keys, raw live bytes) after replaying the journal's records naively."""
+    sizes: dict[str, int] = {}
+    for segment in sorted(directory.glob("*.jsonl")):
+        with open(segment, "rb") as lines:
+            for line in lines:
+                record = orjson.loads(line)
+                op = record["op"]
+                if op == "clear":
+                    sizes.clear()
+                for key, value in (record.get("set") or {}).items():
+                    sizes[key] = len(key.encode()) + len(orjson.dumps(value))
+                if op in ("delete", "expire"):
+                    for key in record.get("keys", ()):
+                        sizes.pop(key, None)
+    return len(sizes), sum(sizes.values())
+
+
+def start_and_measure(data_dir: Path, opts: Options, timeout: float) -> dict:
+    """Start kvd on ``data_dir/store``; time it to ready, read its memory, stop it."""
+    log = data_dir / "kvd.log"
+    env = servers.clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    argv = [opts.python, "-m", "kvd", "serve", "--port", "0", "--data-dir", str(data_dir / "store"),
+            "--log-level", "info"]
+    started = time.monotonic()
+    proc = servers.spawn(argv, log, opts, cwd=data_dir, env=env)
+    running = servers.Running("kvd", "", data_dir, [proc], [log])
+    try:
+        port = servers.wait_for_port_line(proc, log, timeout)
+        listening = time.monotonic() - started
+        running.url = f"http://{HOST}:{port}"
+        deadline = started + timeout
+        while True:
+            try:
+                if call(running.url, "GET", "/readyz", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kvd did not get ready\n{running.log_tail()}")
+            time.sleep(0.005)
+        ready = time.monotonic() - started
+        hwm, rss = running.memory_kib()
+        found = None
+        for _ in range(100):  # the ready line is logged right after /readyz turns 200
+            found = REPLAY_TOOK.search(log.read_bytes())
+            if found:
+                break
+            time.sleep(0.01)
+        return {
+            "listening_s": listening,
+            "ready_s": ready,
+            "replay_s": float(found.group(1)) if found else None,
+            "rss_hwm_mib": hwm / 1024,
+            "rss_mib": rss / 1024,
+        }
+    finally:
+        running.stop()
+
+
+def measure_variant(args: argparse.Namespace, opts: Options, keys: int, work: Path) -> dict:
+    pristine = work / f"journal-{keys}"
+    print(f"writing {args.records} records over {keys} keys ...", file=sys.stderr, flush=True)
+    written_at = time.monotonic()
+    size = make_journal(pristine, args.records, keys)
+    made = time.monotonic() - written_at
+    live_keys, raw = live_bytes(pristine)
+    runs = []
+    for repeat in range(args.repeats):
+        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        shutil.copytree(pristine, run_dir / "store")
+        result = start_and_measure(run_dir, opts, args.timeout)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        runs.append(result)
+        print(f"  repeat {repeat + 1}: ready {result['ready_s']:.2f}s, replay {result['replay_s']}s, "
+              f"RSS {result['rss_hwm_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    shutil.rmtree(pristine, ignore_errors=True)
+    median = {
+        key: statistics.median(run[key] for run in runs if run[key] is not None)
+        for key in ("listening_s", "ready_s", "replay_s", "rss_hwm_mib", "rss_mib")
+        if any(run[key] is not None for run in runs)
+    }
+    return {
+        "records": args.records, "keys": keys, "journal_bytes": size, "journal_write_s": made,
+        "live_keys": live_keys, "live_bytes": raw, "median": median, "runs": runs,
+    }
+
+
+def empty_baseline(opts: Options, work: Path, timeout: float) -> dict:
+    """The same measurement on an empty store: the interpreter's and libraries' share."""
+    run_dir = Path(tempfile.mkdtemp(prefix="empty-", dir=work))
+    try:
+        return start_and_measure(run_dir, opts, timeout)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=1_000_000, help="records per journal")
+    parser.add_argument("--keys", default="100000,1000000",
+                        help="comma-separated distinct-key counts, one journal each "
+                             "(default 100000,1000000)")
+    parser.add_argument("--repeats", type=int, default=3, help="starts per journal (median)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--no-pin", action="store_true", help="do not pin kvd to core 0")
+    parser.add_argument("--work-dir", type=Path, help="where journals go (default: temp)")
+    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "replay.json")
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    key_counts = [int(part) for part in args.keys.split(",") if part.strip()]
+    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    opts = Options(python=args.python, pin=("taskset", "-c", "0") if pin else ())
+
+    machine = machine_info(args.python)
+    print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB, "
+          f"Linux {machine['kernel']}, {machine['python']}; kvd {machine['kvd_commit']}; "
+          f"load average {machine['loadavg_start'][0]:.2f}")
+    started = datetime.datetime.now(datetime.UTC)
+    work = Path(tempfile.mkdtemp(prefix="kvd-replay-", dir=args.work_dir))
+    try:
+        baseline = empty_baseline(opts, work, args.timeout)
+        variants = [measure_variant(args, opts, keys, work) for keys in key_counts]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    per_million = 1_000_000 / args.records
+    print()
+    print(f"median of {args.repeats} starts; empty store: ready {baseline['ready_s']:.2f}s, "
+          f"RSS {baseline['rss_hwm_mib']:.1f} MiB")
+    header = (f"{'records':>9} {'keys':>9} {'journal MB':>10} {'live MB':>8} {'ready s':>8} "
+              f"{'replay s':>8} {'s per 1M':>8} {'RSS MiB':>8} {'RSS/live':>8} {'(-empty)':>8}")
+    print(header)
+    print("-" * len(header))
+    targets = []
+    for variant in variants:
+        m = variant["median"]
+        replay = m.get("replay_s", m["ready_s"])
+        live_mib = variant["live_bytes"] / 2**20
+        ratio = m["rss_hwm_mib"] / live_mib
+        above_empty = (m["rss_hwm_mib"] - baseline["rss_hwm_mib"]) / live_mib
+        variant["ratios"] = {"replay_s_per_million": replay * per_million,
+                             "ready_s_per_million": m["ready_s"] * per_million,
+                             "rss_over_live": ratio, "rss_above_empty_over_live": above_empty}
+        print(f"{variant['records']:>9} {variant['keys']:>9} {variant['journal_bytes'] / 1e6:>10.1f} "
+              f"{variant['live_bytes'] / 1e6:>8.1f} {m['ready_s']:>8.2f} {replay:>8.2f} "
+              f"{replay * per_million:>8.2f} {m['rss_hwm_mib']:>8.1f} {ratio:>8.2f} {above_empty:>8.2f}")
+        label = f"{variant['records']} records, {variant['keys']} keys"
+        for what, value, goal in (
+            ("replay (kvd's 'replay took') per 1M records", replay * per_million, REPLAY_TARGET_S),
+            ("start to /readyz 200 per 1M records", m["ready_s"] * per_million, REPLAY_TARGET_S),
+            ("peak RSS / raw live data", ratio, RSS_TARGET_RATIO),
+        ):
+            met = value <= goal
+            note = "met" if met else f"missed: {value / goal:.2f}x the limit"
+            targets.append({"journal": label, "target": f"{what} <= {goal:g}", "value": value,
+                            "met": met, "note": note})
+    print()
+    print("targets:")
+    for row in targets:
+        state = "MET   " if row["met"] else "MISSED"
+        print(f"  {state}  {row['journal']}: {row['target']}: {row['value']:.2f}; {row['note']}")
+
+    machine["loadavg_end"] = os.getloadavg()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine,
+        "params": {"records": args.records, "keys": key_counts, "repeats": args.repeats,
+                   "pin": " ".join(opts.pin) or None},
+        "empty_store": baseline,
+        "variants": variants,
+        "targets": targets,
+    }, indent=1) + "\n")
+    print(f"\nresults: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
