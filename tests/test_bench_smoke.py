@@ -1,0 +1,32 @@
+"""The benchmark suite's short version: every server answers every workload without errors.
+
+Figures are not asserted (machines are noisy); ``make bench`` reports them.
+Needs ``wrk`` (Debian package; ``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_bench_smoke_runs_every_workload_without_errors(tmp_path):
+    results = tmp_path / "smoke.json"
+    run = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke", "--no-pin", "--json", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    medians = json.loads(results.read_text())["medians"]
+    assert set(medians) == {"put", "get", "mixed", "list"}
+    for workload, servers in medians.items():
+        assert servers["kvd"]["errors"] == 0, workload
+        assert servers["kvd"]["rps"] > 0, workload
