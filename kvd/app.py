@@ -22,6 +22,7 @@ from kvd.log.journal import Journal
 from kvd.store import Store
 
 log = logging.getLogger("kvd.app")
+access_log = logging.getLogger("kvd.access")
 
 Route = tuple[str, type, dict[str, Any]]
 
@@ -56,6 +57,25 @@ class AppContext:
         self._commit_observers = hook.after_commit.get_hookimpls()[::-1]
         if self._commit_observers:
             self.store.observers.append(self._observe_commit)
+
+    def request_done(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        """After every response, from either request path: access log and plugins."""
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %d %.1fms", method, endpoint, status, 1000.0 * seconds)
+        if not self.requests_observed:
+            return
+        try:
+            self.plugins.hook.request_finished(
+                method=method, endpoint=endpoint, status=status, seconds=seconds
+            )
+        except Exception as exc:
+            log.exception("request_finished hook failed")
+            self.report_error("hook_request_finished", exc)
+
+    @property
+    def plain_reads(self) -> bool:
+        """Whether a GET of a key is only a lookup (no plugin authenticates or rewrites reads)."""
+        return not (self.requests_authenticated or self.reads_transformed)
 
     def report_error(self, label: str, exc: BaseException | None = None) -> None:
         """Count an unexpected error in ``internal_error_count`` (via the hook)."""

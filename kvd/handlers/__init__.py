@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import logging
+from typing import Any
 
-from tornado.web import Application, RequestHandler
+from tornado import httputil
+from tornado.web import Application
 
 from kvd.app import AppContext, Route
 from kvd.handlers.base import NotFoundHandler
+from kvd.handlers.fast import FastKeyRead, is_plain_key_read
 from kvd.handlers.health import HealthHandler, ReadyHandler
 from kvd.handlers.keys import KeyHandler, KeysHandler
 from kvd.handlers.openapi import OpenAPIHandler
@@ -24,29 +26,29 @@ def core_routes(ctx: AppContext) -> list[Route]:
     ]
 
 
-def make_app(ctx: AppContext) -> Application:
+class KvdApplication(Application):
+    """The URL table, plus the fast path for plain key reads (see ``kvd.handlers.fast``)."""
+
+    def __init__(self, ctx: AppContext, routes: list[Route], **settings: Any) -> None:
+        super().__init__(routes, **settings)
+        self.ctx = ctx
+        self.fast_reads = True  # tests turn it off to compare both paths
+
+    def find_handler(self, request: httputil.HTTPServerRequest, **kwargs: Any) -> Any:
+        if self.fast_reads and is_plain_key_read(self.ctx, request):
+            return FastKeyRead(self, request)
+        return super().find_handler(request, **kwargs)
+
+
+def make_app(ctx: AppContext) -> KvdApplication:
     routes = core_routes(ctx)
     for plugin_routes in ctx.plugins.hook.register_routes(ctx=ctx):
         routes.extend(plugin_routes or ())
-    return Application(
+    return KvdApplication(
+        ctx,
         routes,
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
-        log_function=_log_request,
+        log_function=lambda handler: None,  # handlers log through AppContext.request_done
         compress_response=False,
     )
-
-
-access_log = logging.getLogger("kvd.access")
-
-
-def _log_request(handler: RequestHandler) -> None:
-    """Access log: method, route template and status; never the raw path (keys may be secret)."""
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "%s %s %d %.1fms",
-            handler.request.method,
-            getattr(handler, "endpoint", "unmatched"),
-            handler.get_status(),
-            1000.0 * handler.request.request_time(),
-        )

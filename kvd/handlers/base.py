@@ -65,17 +65,10 @@ class BaseHandler(RequestHandler):
         if getattr(self, "_counted", False):
             self.ctx.in_flight -= 1
             self._counted = False
-        if self.ctx.requests_observed:
-            try:
-                self.ctx.plugins.hook.request_finished(
-                    method=self.request.method,
-                    endpoint=self.endpoint,
-                    status=self.get_status(),
-                    seconds=self.request.request_time(),
-                )
-            except Exception as exc:
-                log.exception("request_finished hook failed")
-                self.ctx.report_error("hook_request_finished", exc)
+        self.ctx.request_done(
+            self.request.method or "", self.endpoint, self.get_status(),
+            self.request.request_time(),
+        )
 
     def on_connection_close(self) -> None:
         # A client that hangs up mid-request still ends its in-flight count.

@@ -47,7 +47,13 @@ def check_key(key: str) -> str:
 
 
 def etag(entry: Entry) -> str:
+    """A key's ETag: its revision in double quotes."""
     return f'"{entry.revision}"'
+
+
+def key_body(key: str, value: bytes) -> bytes:
+    """The body of a one-key answer: ``{"<key>": <value>}``."""
+    return b"{" + orjson.dumps(key) + b":" + value + b"}"
 
 
 @stream_request_body
@@ -255,7 +261,7 @@ class KeyHandler(KeysBodyHandler):
                 value = replaced
         tag = etag(entry)
         self.set_header("ETag", tag)
-        if _etag_matches(self.request.headers.get("If-None-Match"), tag):
+        if etag_matches(self.request.headers.get("If-None-Match"), tag):
             self.set_status(304)
             return b""
         return value
@@ -265,7 +271,7 @@ class KeyHandler(KeysBodyHandler):
         if self.get_status() == 304:
             self.finish()
             return
-        self.send_json(b"{" + orjson.dumps(key) + b":" + value + b"}")
+        self.send_json(key_body(key, value))
 
     def head(self, key: str) -> None:
         value = self._read(key)
@@ -285,7 +291,7 @@ class KeyHandler(KeysBodyHandler):
         expires = {key: expires_at} if expires_at is not None else {}
         record = await self.commit(Change(op=OP_PUT, set={key: value}, expires=expires))
         self.set_header("ETag", f'"{record.seq}"')
-        self.send_json(b"{" + orjson.dumps(key) + b":" + value + b"}", 201 if current is None else 200)
+        self.send_json(key_body(key, value), 201 if current is None else 200)
 
     async def patch(self, key: str) -> None:
         self.require_ready()
@@ -302,7 +308,7 @@ class KeyHandler(KeysBodyHandler):
         expires = {key: current.expires_at} if current.expires_at is not None else {}
         record = await self.commit(Change(op=OP_PUT, set={key: value}, expires=expires))
         self.set_header("ETag", f'"{record.seq}"')
-        self.send_json(b"{" + orjson.dumps(key) + b":" + value + b"}")
+        self.send_json(key_body(key, value))
 
     async def delete(self, key: str) -> None:
         self.require_ready()
@@ -348,7 +354,8 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def _etag_matches(header: str | None, tag: str) -> bool:
+def etag_matches(header: str | None, tag: str) -> bool:
+    """If-None-Match: weak comparison, ``*`` matches any current entry."""
     if not header:
         return False
     if header.strip() == "*":
