@@ -16,7 +16,6 @@ key with a write in flight. All methods run on the event loop, except
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 import time
@@ -183,7 +182,9 @@ class Store:
         ordinal = next(self._ordinals)
         self._note_pending(change, ordinal)
         try:
-            record = await asyncio.shield(future)
+            # Not shielded: a cancelled waiter cannot unwrite the record, and
+            # shield() would cost one more loop pass per write.
+            record = await future
         except JournalUnavailable as exc:
             raise self._unavailable(exc) from None
         return record

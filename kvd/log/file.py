@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,50 +173,62 @@ class FileJournal(Journal):
             # joins the same write and fsync.
             self._flushing = True
             self._flush_done = asyncio.Event()
-            loop.create_task(self._flush())
+            loop.call_soon(self._start_batch)
         if self.fsync == "everysec" and self._sync_task is None:
             self._sync_task = loop.create_task(self._sync_every_second())
         return future
 
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                data = b"".join(item.line for item in batch)
-                try:
-                    seconds = await loop.run_in_executor(
-                        self._io, self._write_batch, data, batch[0].record.seq
-                    )
-                except OSError as exc:
-                    self._fail_pending(batch, exc)
-                    continue
-                last = batch[-1].record
-                self._durable_seq = last.seq
-                self._durable_hash = last.hash
-                self.stats.records += len(batch)
-                self.stats.bytes += len(data)
-                self.stats.batches += 1
-                self.stats.batched_records += len(batch)
-                for item in batch:
-                    self.on_commit(item.record)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_result(item.record)
-                if self.on_synced is not None and seconds is not None:
-                    self.on_synced(seconds, len(batch), len(data))
-        finally:
+    def _start_batch(self) -> None:
+        """On the loop: hand everything queued to the journal thread as one write (+ fsync).
+
+        Callbacks rather than a coroutine: each hop through the event loop
+        costs a whole loop pass under load, and a write's answer waits for
+        every hop between its append and its response.
+        """
+        if not self._queue:
             self._flushing = False
             assert self._flush_done is not None
             self._flush_done.set()
+            return
+        batch, self._queue = self._queue, []
+        data = b"".join(item.line for item in batch)
+        loop = asyncio.get_running_loop()
+        work = self._io.submit(self._write_batch, data, batch[0].record.seq)
+        work.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._finish_batch, batch, data, done)
+        )
 
-    def _fail_pending(self, batch: list[_Pending], exc: OSError) -> None:
+    def _finish_batch(self, batch: list[_Pending], data: bytes, done: Future[float | None]) -> None:
+        """On the loop: the batch is durable (or failed); answer its writers, start the next."""
+        error = done.exception()
+        if error is not None:
+            self._fail_pending(batch, error)
+        else:
+            seconds = done.result()
+            last = batch[-1].record
+            self._durable_seq = last.seq
+            self._durable_hash = last.hash
+            self.stats.records += len(batch)
+            self.stats.bytes += len(data)
+            self.stats.batches += 1
+            self.stats.batched_records += len(batch)
+            for item in batch:
+                self.on_commit(item.record)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result(item.record)
+            if self.on_synced is not None and seconds is not None:
+                self.on_synced(seconds, len(batch), len(data))
+        self._start_batch()
+
+    def _fail_pending(self, batch: list[_Pending], exc: BaseException) -> None:
         """Fail the batch and everything queued after it (chained to it)."""
         failed = batch + self._queue
         self._queue = []
         self._next_seq = self._durable_seq + 1
         self._head_hash = self._durable_hash
-        reason = self._refusal or f"journal write failed: {os.strerror(exc.errno or errno.EIO)}"
+        errno_ = getattr(exc, "errno", None) or errno.EIO
+        reason = self._refusal or f"journal write failed: {os.strerror(errno_)}"
         log.error("journal write of seq %d.. failed: %s", batch[0].record.seq, exc)
         self.on_abort()
         for item in failed:
