@@ -104,7 +104,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     server = HTTPServer(
         make_app(ctx),
         ssl_options=tls,
-        max_body_size=settings.max_body_bytes + 1,
+        max_body_size=settings.max_body_bytes,
         max_header_size=settings.max_header_bytes,
         idle_connection_timeout=settings.idle_timeout,
         body_timeout=settings.body_timeout,

@@ -9,7 +9,12 @@ from tornado.web import Application
 
 from kvd.app import AppContext, Route
 from kvd.handlers.base import NotFoundHandler
-from kvd.handlers.fast import FastKeyRead, is_plain_key_read
+from kvd.handlers.fast import (
+    BodyTooLarge,
+    FastKeyRead,
+    declares_too_large_body,
+    is_plain_key_read,
+)
 from kvd.handlers.health import HealthHandler, ReadyHandler
 from kvd.handlers.keys import KeyHandler, KeysHandler
 from kvd.handlers.openapi import OpenAPIHandler
@@ -37,7 +42,43 @@ class KvdApplication(Application):
     def find_handler(self, request: httputil.HTTPServerRequest, **kwargs: Any) -> Any:
         if self.fast_reads and is_plain_key_read(self.ctx, request):
             return FastKeyRead(self, request)
-        return super().find_handler(request, **kwargs)
+        if declares_too_large_body(self.ctx, request):
+            return BodyTooLarge(self, request)
+        return InFlight(self.ctx, super().find_handler(request, **kwargs))
+
+
+class InFlight(httputil.HTTPMessageDelegate):
+    """Counts a request in ``ctx.in_flight`` while its head and body arrive.
+
+    SIGTERM waits for in-flight requests; an upload still arriving is one.
+    The handler counts itself from the moment tornado builds it (in
+    ``finish``), so the two counts overlap and never leave a gap.
+    """
+
+    def __init__(self, ctx: AppContext, inner: httputil.HTTPMessageDelegate) -> None:
+        self.ctx = ctx
+        self.inner = inner
+        self.counted = True
+        ctx.in_flight += 1
+
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
+        return self.inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        return self.inner.data_received(chunk)
+
+    def finish(self) -> None:
+        self.inner.finish()
+        self._uncount()
+
+    def on_connection_close(self) -> None:
+        self.inner.on_connection_close()
+        self._uncount()
+
+    def _uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.ctx.in_flight -= 1
 
 
 def make_app(ctx: AppContext) -> KvdApplication:

@@ -27,6 +27,11 @@ _STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 READ, WRITE, ADMIN = "read", "write", "admin"
 
 
+def error_body(code: str, message: str) -> bytes:
+    """The one shape of every error answer."""
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
 class BaseHandler(RequestHandler):
     endpoint = "unmatched"
     """The route template for metrics and logs; never a raw path (keys stay out)."""
@@ -40,6 +45,11 @@ class BaseHandler(RequestHandler):
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.store = ctx.store
+        # In flight from now until on_finish (or the client hanging up); the
+        # count starts here, when tornado builds the handler, so there is no
+        # gap after KvdApplication's own count for the request head and body.
+        ctx.in_flight += 1
+        self._counted = True
 
     def compute_etag(self) -> None:
         """No body-hash ETags: a key's ETag is its revision, set by the handler."""
@@ -52,8 +62,6 @@ class BaseHandler(RequestHandler):
     # --- lifecycle ---------------------------------------------------------
 
     def prepare(self) -> None:
-        self.ctx.in_flight += 1
-        self._counted = True
         if self.ctx.requests_authenticated:
             scope = self.scopes.get(self.request.method or "")
             if scope is not None:
@@ -125,7 +133,7 @@ class BaseHandler(RequestHandler):
         if self.request.method == "HEAD":
             self.finish()
             return
-        self.finish(orjson.dumps({"error": {"code": code, "message": message}}))
+        self.finish(error_body(code, message))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, HTTPError):
@@ -146,8 +154,17 @@ class BaseHandler(RequestHandler):
     head = get = post = delete = patch = put = options = _unimplemented_method  # type: ignore[assignment]
 
 
+class _EveryMethod:
+    """Contains every method name, so tornado lets any method reach prepare()."""
+
+    def __contains__(self, method: object) -> bool:
+        return True
+
+
 class NotFoundHandler(BaseHandler):
     """Any path no route matches: a JSON 404 that names a disabled plugin's route."""
+
+    SUPPORTED_METHODS = _EveryMethod()  # type: ignore[assignment]
 
     plugin_routes = {"/metrics": "metrics", "/journal": "journal"}
 

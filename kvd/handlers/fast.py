@@ -1,4 +1,6 @@
-"""The hot read path: a plain ``GET /keys/{id}`` answered below RequestHandler.
+"""Answers given below RequestHandler: the hot read path, and 413 before a body is read.
+
+The hot read path: a plain ``GET /keys/{id}``.
 
 Why: a GET of an existing key spends most of its CPU in tornado.web's
 per-request machinery (handler set-up, header bookkeeping, flush), not in
@@ -16,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from tornado import httputil
+from tornado.http1connection import HTTP1Connection
 
-from kvd.errors import KvdError
+from kvd.errors import KvdError, PayloadTooLarge
+from kvd.handlers.base import error_body
 from kvd.handlers.keys import check_key, etag, etag_matches, key_body
 
 if TYPE_CHECKING:
@@ -93,6 +97,50 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
         delegate = super(type(self.application), self.application).find_handler(self.request)
         delegate.headers_received(self.start_line, self.headers)
         delegate.finish()
+
+
+def declares_too_large_body(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:
+    declared = request.headers.get("Content-Length", "")
+    return declared.isdigit() and int(declared) > ctx.config.server.max_body_bytes
+
+
+class BodyTooLarge(httputil.HTTPMessageDelegate):
+    """413 from the Content-Length alone: the body is never read, the connection closes.
+
+    Detaching the stream stops tornado from reading (and refusing) the body
+    itself, so the client gets kvd's JSON error rather than a bare 400.
+    """
+
+    def __init__(self, application: KvdApplication, request: httputil.HTTPServerRequest) -> None:
+        self.ctx = application.ctx
+        self.request = request
+
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
+        limit = self.ctx.config.server.max_body_bytes
+        error = PayloadTooLarge(f"body is larger than {limit} bytes")
+        body = error_body(error.code, error.message)
+        head = (
+            f"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+            f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        connection = self.request.connection
+        assert isinstance(connection, HTTP1Connection)
+        stream = connection.detach()
+        stream.write(head + body).add_done_callback(lambda _: stream.close())
+        endpoint = "/keys" if self.request.path == "/keys" else "unmatched"
+        if self.request.path.startswith(PREFIX):
+            endpoint = ENDPOINT
+        self.ctx.request_done(self.request.method or "", endpoint, 413, self.request.request_time())
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def on_connection_close(self) -> None:
+        pass
 
 
 _date_cache: tuple[int, str] = (0, "")

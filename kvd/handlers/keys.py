@@ -8,7 +8,6 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import orjson
-from tornado.web import stream_request_body
 
 from kvd import HIDDEN, jsonio
 from kvd.errors import (
@@ -56,28 +55,15 @@ def key_body(key: str, value: bytes) -> bytes:
     return b"{" + orjson.dumps(key) + b":" + value + b"}"
 
 
-@stream_request_body
 class KeysBodyHandler(BaseHandler):
-    """Reads a JSON body under the size limit, answering 413/415 before parsing."""
+    """Parses a JSON body, answering 415/400 before anything is written.
+
+    Bodies over ``max_body_bytes`` never get here: ``KvdApplication`` answers
+    413 from the Content-Length before the body is read (and the server
+    refuses a chunked body that grows past the limit).
+    """
 
     scopes = {"GET": READ, "HEAD": READ, "PUT": WRITE, "PATCH": WRITE, "DELETE": WRITE}
-
-    def prepare(self) -> None:
-        super().prepare()
-        self._body = bytearray()
-        self._too_large = False
-        self._max_body = self.ctx.config.server.max_body_bytes
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            raise PayloadTooLarge(f"body is larger than {self._max_body} bytes")
-        # Let chunked bodies run a little past the limit so we answer 413, not tornado.
-        self.request.connection.set_max_body_size(self._max_body + 1)  # type: ignore[union-attr]
-
-    def data_received(self, chunk: bytes) -> None:
-        if len(self._body) + len(chunk) > self._max_body:
-            self._too_large = True
-            return
-        self._body += chunk
 
     def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
         """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
@@ -91,12 +77,11 @@ class KeysBodyHandler(BaseHandler):
                 f"body must be sent as {' or '.join(media_types)}, "
                 f"not {media_type or 'no content type'}"
             )
-        if self._too_large:
-            raise PayloadTooLarge(f"body is larger than {self._max_body} bytes")
-        if not self._body:
+        body = self.request.body
+        if not body:
             raise BadRequest("body must not be empty")
         try:
-            return jsonio.loads(bytes(self._body), max_depth=jsonio.MAX_DEPTH + depth)
+            return jsonio.loads(body, max_depth=jsonio.MAX_DEPTH + depth)
         except jsonio.JSONError as exc:
             raise BadRequest(str(exc)) from None
 

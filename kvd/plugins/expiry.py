@@ -10,6 +10,7 @@ never depend on the clock.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -21,6 +22,7 @@ from kvd.log.format import OP_EXPIRE
 from kvd.model import Change
 
 MAX_EXPIRE_IN = 315_360_000  # ten 365-day years, in seconds
+_DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 
 
@@ -44,10 +46,10 @@ class ExpiryPlugin:
 
     @hookimpl
     def resolve_expiry(self, expire_in: str, now: float) -> float:
-        try:
-            seconds = float(expire_in)
-        except ValueError:
-            raise BadRequest(f"expire_in must be a number of seconds, not {expire_in!r}") from None
+        # float() alone would also take "1_000", " 1 " and non-ASCII digits.
+        if not _DECIMAL.fullmatch(expire_in):
+            raise BadRequest(f"expire_in must be a number of seconds, not {expire_in!r}")
+        seconds = float(expire_in)
         if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_EXPIRE_IN:
             raise BadRequest(
                 f"expire_in must be a positive number of seconds up to {MAX_EXPIRE_IN}"
