@@ -233,25 +233,21 @@ def start_kvd(data_dir: Path, opts: Options, *, fsync: str) -> Running:
 
 
 def start_bare(data_dir: Path, opts: Options, *, loop: str) -> Running:
-    log = data_dir / "bare.log"
     argv = [opts.python, str(BENCH_DIR / "bare_tornado.py"), "--port", "0", "--loop", loop]
-    proc = spawn(argv, log, opts, cwd=data_dir, env=clean_env())
-    running = Running("bare", "", data_dir, [proc], [log])
-    try:
-        running.url = f"http://{HOST}:{wait_for_port_line(proc, log)}"
-        wait_until(lambda: call(running.url, "GET", "/keys/probe", timeout=2)[0] == 404, proc, "HTTP")
-    except StartError:
-        running.stop()
-        raise
-    return running
+    return _start_python_server("bare", argv, data_dir, opts)
 
 
 def start_flask(data_dir: Path, opts: Options) -> Running:
-    log = data_dir / "flask.log"
     argv = [opts.python, str(BENCH_DIR / "original_flask.py"), "--port", "0",
             "--data-dir", str(data_dir / "store")]
+    return _start_python_server("flask", argv, data_dir, opts)
+
+
+def _start_python_server(name: str, argv: list[str], data_dir: Path, opts: Options) -> Running:
+    """A reference server that prints its port and answers 404 for an absent key once up."""
+    log = data_dir / f"{name}.log"
     proc = spawn(argv, log, opts, cwd=data_dir, env=clean_env())
-    running = Running("flask", "", data_dir, [proc], [log])
+    running = Running(name, "", data_dir, [proc], [log])
     try:
         running.url = f"http://{HOST}:{wait_for_port_line(proc, log)}"
         wait_until(lambda: call(running.url, "GET", "/keys/probe", timeout=2)[0] == 404, proc, "HTTP")
