@@ -59,9 +59,21 @@ class Record:
     size: int  # bytes of the encoded line, newline included
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def format_ts(epoch: float) -> str:
-    """ISO 8601 UTC with microseconds and a ``Z``: ``2026-11-27T18:38:34.123456Z``."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO 8601 UTC with microseconds and a ``Z``: ``2026-11-27T18:38:34.123456Z``.
+
+    Every record needs one; the part up to the second is formatted once a
+    second, not once a record.
+    """
+    global _second_cache
+    micros = round(epoch * 1_000_000)
+    second, fraction = divmod(micros, 1_000_000)
+    if _second_cache[0] != second:
+        _second_cache = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second_cache[1]}.{fraction:06d}Z"
 
 
 def parse_ts(text: str) -> float:
