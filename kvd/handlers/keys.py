@@ -19,7 +19,7 @@ from kvd.errors import (
     plugin_required,
 )
 from kvd.handlers.base import JSON_TYPE, READ, WRITE, BaseHandler
-from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT
+from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record
 from kvd.model import Change, Entry, KeyFilter
 
 MAX_KEY_BYTES = 1024
@@ -106,7 +106,8 @@ class KeysBodyHandler(BaseHandler):
             raise plugin_required("expire_in", "expiry")
         return expires_at
 
-    async def commit(self, change: Change):  # noqa: ANN201 - returns a Record
+    async def commit(self, change: Change) -> Record:
+        """Validate through plugins, journal, and wait until durable and visible."""
         change.actor = self.principal
         if self.ctx.writes_validated:
             self.ctx.plugins.hook.validate_write(ctx=self.ctx, change=change)
