@@ -238,3 +238,23 @@ async def test_delete_of_a_key_whose_put_is_still_in_flight_succeeds(harness):
     first, second = await asyncio.gather(put, delete)
     assert (first.seq, second.seq) == (1, 2)
     assert harness.store.get("k") is None and harness.store.current("k") is None
+
+
+@pytest.mark.gen_test
+async def test_a_record_the_store_cannot_apply_stops_writes_but_not_the_journal(harness, monkeypatch):
+    await harness.store.write(Change(op="put", set={"keep": b"1"}))
+    real_apply = harness.journal.on_commit
+
+    def broken_apply(record):  # noqa: ANN001, ANN202
+        raise RuntimeError("a bug in apply")
+
+    monkeypatch.setattr(harness.journal, "on_commit", broken_apply)
+    with pytest.raises(Unavailable):
+        await harness.store.write(Change(op="put", set={"a": b"1"}))
+    monkeypatch.setattr(harness.journal, "on_commit", real_apply)
+    with pytest.raises(Unavailable, match="restart"):
+        await harness.store.write(Change(op="put", set={"b": b"1"}))  # refused, not hung
+    assert not harness.journal.writable
+    assert harness.store.get("keep") is not None  # reads still served
+    seqs, _ = read_all(harness.data_dir)
+    assert seqs == [1, 2]  # the record is durable: a restart applies it

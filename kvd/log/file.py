@@ -212,13 +212,22 @@ class FileJournal(Journal):
             self.stats.bytes += len(data)
             self.stats.batches += 1
             self.stats.batched_records += len(batch)
-            for item in batch:
-                self.on_commit(item.record)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_result(item.record)
-            if self.on_synced is not None and seconds is not None:
-                self.on_synced(seconds, len(batch), len(data))
+            try:
+                for item in batch:
+                    self.on_commit(item.record)
+            except Exception as exc:
+                # On disk but not in memory: answering on from a state that
+                # disagrees with the journal would be worse than stopping
+                # writes. A restart replays the records.
+                log.critical("applying durable records failed; refusing writes", exc_info=True)
+                self._refusal = "applying a durable record failed; writes are refused until restart"
+                self._fail_pending(batch, exc)
+            else:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_result(item.record)
+                if self.on_synced is not None and seconds is not None:
+                    self.on_synced(seconds, len(batch), len(data))
         self._start_batch()
 
     def _fail_pending(self, batch: list[_Pending], exc: BaseException) -> None:
