@@ -74,15 +74,20 @@ def build_harness(data_dir: Path, **overrides: Any) -> Harness:
 
 @pytest.fixture
 def served() -> Iterator[Any]:
-    """Factory: ``url = served(harness)`` serves another in-process app on a free port."""
+    """Factory: ``url = served(harness)`` serves another in-process app on a free port.
+
+    ``fast_paths=False`` serves it without kvd's fast read/write paths.
+    """
     from tornado.httpserver import HTTPServer
     from tornado.testing import bind_unused_port
 
     servers: list[tuple[HTTPServer, Harness]] = []
 
-    def serve(harness: Harness) -> str:
+    def serve(harness: Harness, fast_paths: bool = True) -> str:
         sock, port = bind_unused_port()
-        server = HTTPServer(make_app(harness.ctx))
+        app = make_app(harness.ctx)
+        app.fast_paths = fast_paths
+        server = HTTPServer(app)
         server.add_sockets([sock])
         servers.append((server, harness))
         return f"http://127.0.0.1:{port}"

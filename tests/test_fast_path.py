@@ -38,9 +38,9 @@ async def answers(http_client, base_url):  # noqa: ANN001, ANN201
 async def test_fast_path_answers_exactly_like_the_handler(http_client, base_url, app, harness):
     await http_client.fetch(base_url + "/keys", method="PUT", body=json.dumps(KEYS),
                             headers={"Content-Type": "application/json"})
-    app.fast_reads = False
+    app.fast_paths = False
     slow = await answers(http_client, base_url)
-    app.fast_reads = True
+    app.fast_paths = True
     fast = await answers(http_client, base_url)
     assert fast == slow
     assert [code for _, code, _, _ in fast] == [200, 200, 200, 200, 200, 404, 400, 400, 304, 304,
@@ -62,3 +62,72 @@ async def test_fast_path_steps_aside_while_replaying(http_client, base_url, app,
     harness.store.ready = False
     response = await http_client.fetch(base_url + "/keys/k", raise_error=False)
     assert response.code == 503
+
+
+JSON_TYPE = {"Content-Type": "application/json"}
+WRITES = [
+    ("/keys/a", b"1", JSON_TYPE),
+    ("/keys/a", b'{"x": [1, null]}', JSON_TYPE),
+    ("/keys/" + quote("a/b c", safe=""), b'"v"', JSON_TYPE),
+    ("/keys/c", b"2", {"Content-Type": "application/json; charset=utf-8"}),
+    ("/keys/big-int", b"123456789012345678901234567890", JSON_TYPE),
+    ("/keys/bad", b"{", JSON_TYPE),
+    ("/keys/nan", b"NaN", JSON_TYPE),
+    ("/keys/empty", b"", JSON_TYPE),
+    ("/keys/%ff", b"1", JSON_TYPE),
+    ("/keys/%01", b"1", JSON_TYPE),
+    ("/keys/huge", b'"' + b"x" * (1 << 20) + b'"', JSON_TYPE),
+    ("/keys/deep", b"[" * 200 + b"]" * 200, JSON_TYPE),
+    ("/keys/text", b"1", {"Content-Type": "text/plain"}),
+    ("/keys/a", b"3", {**JSON_TYPE, "If-Match": '"1"'}),
+    ("/keys/new", b"4", {**JSON_TYPE, "If-None-Match": "*"}),
+]
+
+
+async def write_answers(http_client, url):  # noqa: ANN001, ANN201
+    found = []
+    for path, body, headers in WRITES:
+        response = await http_client.fetch(url + path, method="PUT", body=body, headers=headers,
+                                           raise_error=False)
+        found.append((path, response.code, response.body,
+                      {name: response.headers.get(name) for name in COMPARED_HEADERS}))
+    return found
+
+
+def journal_changes(harness):  # noqa: ANN001, ANN201
+    return [{k: v for k, v in line.items() if k not in ("ts", "prev", "hash")}
+            for line in harness.journal_lines()]
+
+
+@pytest.mark.gen_test
+async def test_fast_write_path_answers_and_journals_exactly_like_the_handler(
+        http_client, tmp_path, served):
+    from conftest import build_harness
+
+    slow_harness, fast_harness = build_harness(tmp_path / "slow"), build_harness(tmp_path / "fast")
+    slow_url = served(slow_harness, fast_paths=False)
+    fast_url = served(fast_harness)
+    slow = await write_answers(http_client, slow_url)
+    fast = await write_answers(http_client, fast_url)
+    assert fast == slow
+    assert [code for _, code, _, _ in fast] == [201, 200, 201, 201, 201, 400, 400, 400, 400, 400,
+                                                413, 400, 415, 412, 201]
+    assert journal_changes(fast_harness) == journal_changes(slow_harness)
+
+
+@pytest.mark.gen_test
+async def test_fast_write_path_answers_503_when_the_journal_refuses(http_client, base_url, app,
+                                                                    harness, monkeypatch):
+    from kvd.log import file as file_journal
+
+    def failing_fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(file_journal.os, "fdatasync", failing_fdatasync)
+    response = await http_client.fetch(base_url + "/keys/k", method="PUT", body=b"1",
+                                       headers={"Content-Type": "application/json"},
+                                       raise_error=False)
+    assert response.code == 503
+    assert json.loads(response.body)["error"]["code"] == "unavailable"
+    assert "Retry-After" not in response.headers  # a failed fsync needs a restart
+    assert harness.ctx.in_flight == 0

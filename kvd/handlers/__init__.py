@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from tornado import httputil
@@ -12,8 +13,10 @@ from kvd.handlers.base import NotFoundHandler
 from kvd.handlers.fast import (
     BodyTooLarge,
     FastKeyRead,
+    FastKeyWrite,
     declares_too_large_body,
     is_plain_key_read,
+    is_plain_key_write,
 )
 from kvd.handlers.health import HealthHandler, ReadyHandler
 from kvd.handlers.keys import KeyHandler, KeysHandler
@@ -37,13 +40,16 @@ class KvdApplication(Application):
     def __init__(self, ctx: AppContext, routes: list[Route], **settings: Any) -> None:
         super().__init__(routes, **settings)
         self.ctx = ctx
-        self.fast_reads = True  # tests turn it off to compare both paths
+        self.fast_paths = True  # tests turn it off to compare both paths
+        self.writes: set[asyncio.Future[None]] = set()  # fast-path writes awaiting the journal
 
     def find_handler(self, request: httputil.HTTPServerRequest, **kwargs: Any) -> Any:
-        if self.fast_reads and is_plain_key_read(self.ctx, request):
+        if self.fast_paths and is_plain_key_read(self.ctx, request):
             return FastKeyRead(self, request)
         if declares_too_large_body(self.ctx, request):
             return BodyTooLarge(self, request)
+        if self.fast_paths and is_plain_key_write(self.ctx, request):
+            return FastKeyWrite(self, request)
         return InFlight(self.ctx, super().find_handler(request, **kwargs))
 
 

@@ -1,6 +1,10 @@
-"""Answers given below RequestHandler: the hot read path, and 413 before a body is read.
+"""Answers given below RequestHandler: the hot read and write paths, and 413 before a body.
 
-The hot read path: a plain ``GET /keys/{id}``.
+The hot read path is a plain ``GET /keys/{id}``; the hot write path a plain
+``PUT /keys/{id}`` (no query, no conditions, no plugin that authenticates or
+validates writes). Both only ever give the success answer themselves (and a
+write the 503 of a journal that refuses it); anything else is handed to
+``KeyHandler``, which owns every other answer.
 
 Why: a GET of an existing key spends most of its CPU in tornado.web's
 per-request machinery (handler set-up, header bookkeeping, flush), not in
@@ -13,16 +17,27 @@ other answer, so no response is defined twice.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
+from tornado.iostream import StreamClosedError
 
 from kvd.errors import KvdError, PayloadTooLarge
-from kvd.handlers.base import error_body
-from kvd.handlers.keys import check_key, etag, etag_matches, key_body
+from kvd.handlers.base import JSON_TYPE, error_body
+from kvd.handlers.keys import (
+    check_key,
+    encode_value,
+    etag,
+    etag_matches,
+    key_body,
+    parse_json,
+)
+from kvd.log.format import OP_PUT
+from kvd.model import Change
 
 if TYPE_CHECKING:
     from kvd.app import AppContext
@@ -92,11 +107,85 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         pass
 
-    def _fall_back(self) -> None:
+    def _fall_back(self, body: bytes = b"") -> None:
         """Hand the request to the URL table (KeyHandler), as if we had never looked."""
         delegate = super(type(self.application), self.application).find_handler(self.request)
         delegate.headers_received(self.start_line, self.headers)
+        if body:
+            delegate.data_received(body)
         delegate.finish()
+
+
+def is_plain_key_write(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:
+    """Whether the fast write path may try this request (it still falls back when it must)."""
+    if not (
+        request.method == "PUT"
+        and not request.query
+        and request.path.startswith(PREFIX)
+        and len(request.path) > len(PREFIX)
+        and ctx.plain_reads
+        and not ctx.writes_validated
+        and ctx.store.ready
+    ):
+        return False
+    headers = request.headers
+    media_type = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    return media_type == JSON_TYPE and "If-Match" not in headers and "If-None-Match" not in headers
+
+
+class FastKeyWrite(FastKeyRead):
+    """A plain PUT of one key: parse, journal, answer 201/200 without a RequestHandler."""
+
+    def __init__(self, application: KvdApplication, request: httputil.HTTPServerRequest) -> None:
+        super().__init__(application, request)
+        self.chunks: list[bytes] = []
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def finish(self) -> None:
+        body = b"".join(self.chunks)
+        limit = self.ctx.config.server.max_value_bytes
+        try:
+            key = check_key(unquote_to_bytes(self.request.path[len(PREFIX):]).decode("utf-8"))
+            value = encode_value(key, parse_json(body, 0), limit)
+        except (UnicodeDecodeError, KvdError):
+            self._fall_back(body)  # KeyHandler gives the 400/413 and its message
+            return
+        self.ctx.in_flight += 1  # until answered: SIGTERM drains it
+        task = asyncio.ensure_future(self._commit(key, value))
+        self.application.writes.add(task)
+        task.add_done_callback(self.application.writes.discard)
+
+    async def _commit(self, key: str, value: bytes) -> None:
+        try:
+            # No await between the check and the append: 201 vs 200 is exact.
+            created = self.ctx.store.current(key) is None
+            try:
+                record = await self.ctx.store.write(Change(op=OP_PUT, set={key: value}))
+            except KvdError as exc:
+                headers = {"Content-Type": JSON_TYPE, **exc.headers}
+                self._answer(exc.status, error_body(exc.code, exc.message), headers)
+                return
+            self._answer(201 if created else 200, key_body(key, value),
+                         {"Content-Type": JSON_TYPE, "ETag": f'"{record.seq}"'})
+        finally:
+            self.ctx.in_flight -= 1
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        connection = self.request.connection
+        assert connection is not None
+        all_headers = httputil.HTTPHeaders(headers)
+        all_headers["Content-Length"] = str(len(body))
+        all_headers["Cache-Control"] = "no-store"
+        all_headers["Date"] = http_date()
+        start = httputil.ResponseStartLine("HTTP/1.1", status, httputil.responses[status])
+        try:
+            connection.write_headers(start, all_headers, body)
+            connection.finish()
+        except StreamClosedError:
+            pass  # the client left; the write stands, like any answered-too-late write
+        self.ctx.request_done("PUT", ENDPOINT, status, self.request.request_time())
 
 
 def declares_too_large_body(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:

@@ -45,6 +45,29 @@ def check_key(key: str) -> str:
     return key
 
 
+def parse_json(body: bytes, depth: int) -> Any:
+    """A request body's JSON; 400 when empty or bad. ``depth``: levels above the values."""
+    if not body:
+        raise BadRequest("body must not be empty")
+    try:
+        return jsonio.loads(body, max_depth=jsonio.MAX_DEPTH + depth)
+    except jsonio.JSONError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def encode_value(key: str, value: Any, limit: int) -> bytes:
+    """A value as stored (compact JSON); 400 if it cannot be, 413 over ``limit`` bytes."""
+    try:
+        encoded = jsonio.dumps(value)
+    except jsonio.JSONError as exc:
+        raise BadRequest(f"value of {key!r}: {exc}") from None
+    if len(encoded) > limit:
+        raise PayloadTooLarge(
+            f"value of {key!r} is {len(encoded)} bytes; at most {limit} are allowed"
+        )
+    return encoded
+
+
 def etag(entry: Entry) -> str:
     """A key's ETag: its revision in double quotes."""
     return f'"{entry.revision}"'
@@ -77,25 +100,10 @@ class KeysBodyHandler(BaseHandler):
                 f"body must be sent as {' or '.join(media_types)}, "
                 f"not {media_type or 'no content type'}"
             )
-        body = self.request.body
-        if not body:
-            raise BadRequest("body must not be empty")
-        try:
-            return jsonio.loads(body, max_depth=jsonio.MAX_DEPTH + depth)
-        except jsonio.JSONError as exc:
-            raise BadRequest(str(exc)) from None
+        return parse_json(self.request.body, depth)
 
     def encode_value(self, key: str, value: Any) -> bytes:
-        try:
-            encoded = jsonio.dumps(value)
-        except jsonio.JSONError as exc:
-            raise BadRequest(f"value of {key!r}: {exc}") from None
-        limit = self.ctx.config.server.max_value_bytes
-        if len(encoded) > limit:
-            raise PayloadTooLarge(
-                f"value of {key!r} is {len(encoded)} bytes; at most {limit} are allowed"
-            )
-        return encoded
+        return encode_value(key, value, self.ctx.config.server.max_value_bytes)
 
     def expiry_for_write(self) -> float | None:
         raw = self.query("expire_in")
