@@ -10,7 +10,7 @@ $(VENV)/.installed-run: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-run requirements-test.txt
@@ -47,7 +47,7 @@ $(BENCH_VENV)/.installed: requirements.txt pyproject.toml bench/requirements.txt
 	$(BENCH_PY) -m pip install --quiet --upgrade pip
 	$(BENCH_PY) -m pip install --quiet -r requirements.txt -r bench/requirements.txt
 	$(BENCH_PY) -m pip install --quiet pickledb==0.9.2 || echo "note: pickledb 0.9.2 did not install; the benchmark skips the original design"
-	$(BENCH_PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(BENCH_PY) -m pip install --quiet --no-deps -e .
+	$(BENCH_PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 bench: $(BENCH_VENV)/.installed
