@@ -213,23 +213,13 @@ def start_kvd(data_dir: Path, opts: Options, *, fsync: str) -> Running:
 
     Logs at info level: the ``listening on`` and ``replay took`` lines are info.
     """
-    log = data_dir / "kvd.log"
     env = clean_env()
     # The working tree's kvd, whichever environment the interpreter comes from.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     argv = [opts.python, "-m", "kvd", "serve", "--port", "0", "--data-dir", str(data_dir / "store"),
             "--fsync", fsync, "--log-level", "info"]
     # cwd is the run directory, where no config/kvd.toml exists: defaults only.
-    proc = spawn(argv, log, opts, cwd=data_dir, env=env)
-    running = Running("kvd", "", data_dir, [proc], [log])
-    try:
-        port = wait_for_port_line(proc, log)
-        running.url = f"http://{HOST}:{port}"
-        wait_until(lambda: call(running.url, "GET", "/readyz", timeout=2)[0] == 200, proc, "/readyz")
-    except StartError:
-        running.stop()
-        raise
-    return running
+    return _start_python_server("kvd", argv, data_dir, opts, env=env, probe=("/readyz", 200))
 
 
 def start_bare(data_dir: Path, opts: Options, *, loop: str) -> Running:
@@ -243,14 +233,18 @@ def start_flask(data_dir: Path, opts: Options) -> Running:
     return _start_python_server("flask", argv, data_dir, opts)
 
 
-def _start_python_server(name: str, argv: list[str], data_dir: Path, opts: Options) -> Running:
-    """A reference server that prints its port and answers 404 for an absent key once up."""
+def _start_python_server(
+    name: str, argv: list[str], data_dir: Path, opts: Options, *,
+    env: dict[str, str] | None = None, probe: tuple[str, int] = ("/keys/probe", 404),
+) -> Running:
+    """A server that prints its port; up once ``probe`` (path, status) answers as expected."""
     log = data_dir / f"{name}.log"
-    proc = spawn(argv, log, opts, cwd=data_dir, env=clean_env())
+    proc = spawn(argv, log, opts, cwd=data_dir, env=env if env is not None else clean_env())
     running = Running(name, "", data_dir, [proc], [log])
+    path, status = probe
     try:
         running.url = f"http://{HOST}:{wait_for_port_line(proc, log)}"
-        wait_until(lambda: call(running.url, "GET", "/keys/probe", timeout=2)[0] == 404, proc, "HTTP")
+        wait_until(lambda: call(running.url, "GET", path, timeout=2)[0] == status, proc, path)
     except StartError:
         running.stop()
         raise
