@@ -100,6 +100,29 @@ def served() -> Iterator[Any]:
 
 
 @pytest.fixture
+def api(http_client: Any, base_url: str) -> Any:
+    """``await api(method, path, body=None, headers=None, raw=None)`` against the in-process app.
+
+    ``body`` is sent as JSON, ``raw`` as given; either way with a JSON
+    Content-Type unless ``headers`` say otherwise. Never raises on 4xx/5xx.
+    """
+
+    async def send(method: str, path: str, body: Any = None,
+                   headers: dict[str, str] | None = None, raw: bytes | None = None) -> Any:
+        payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        all_headers = {"Content-Type": "application/json"} if payload is not None else {}
+        all_headers.update(headers or {})
+        if payload is None and method in ("PUT", "POST", "PATCH"):
+            payload = b""  # tornado's client wants a body for these methods
+        return await http_client.fetch(
+            base_url + path, method=method, body=payload, headers=all_headers,
+            raise_error=False, allow_nonstandard_methods=True,
+        )
+
+    return send
+
+
+@pytest.fixture
 def plugin_settings() -> dict[str, Any]:
     """Override in a test module to change the in-process app's settings."""
     return {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -12,32 +11,9 @@ from tornado.httpclient import HTTPResponse
 JSON = {"Content-Type": "application/json"}
 
 
-async def call(
-    http_client: Any, base_url: str, method: str, path: str, body: Any = None,
-    headers: dict[str, str] | None = None, raw: bytes | None = None,
-) -> HTTPResponse:
-    payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    if payload is None and method in ("PUT", "POST", "PATCH"):
-        payload = b""
-    all_headers = dict(JSON if (body is not None or raw is not None) else {})
-    all_headers.update(headers or {})
-    return await http_client.fetch(
-        base_url + path, method=method, body=payload, headers=all_headers,
-        raise_error=False, allow_nonstandard_methods=True,
-    )
-
-
 def error_code(response: HTTPResponse) -> str:
     assert response.headers["Content-Type"].startswith("application/json")
     return json.loads(response.body)["error"]["code"]
-
-
-@pytest.fixture
-def api(http_client, base_url):  # noqa: ANN001, ANN201
-    async def send(method: str, path: str, body: Any = None, **kwargs: Any) -> HTTPResponse:
-        return await call(http_client, base_url, method, path, body, **kwargs)
-
-    return send
 
 
 # --- reads and writes ---------------------------------------------------------

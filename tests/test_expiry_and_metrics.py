@@ -25,19 +25,6 @@ def clock(harness) -> FakeClock:  # noqa: ANN001
     return fake
 
 
-@pytest.fixture
-def api(http_client, base_url):  # noqa: ANN001, ANN201
-    async def send(method: str, path: str, body: Any = None) -> Any:
-        return await http_client.fetch(
-            base_url + path, method=method, raise_error=False,
-            body=None if body is None else json.dumps(body),
-            headers={"Content-Type": "application/json"} if body is not None else {},
-            allow_nonstandard_methods=True,
-        )
-
-    return send
-
-
 def expiry_plugin(harness):  # noqa: ANN001, ANN201
     return harness.ctx.plugins.get_plugin("expiry")
 

@@ -13,21 +13,6 @@ import pytest
 from tests_support import FakeClock
 
 
-@pytest.fixture
-def api(http_client, base_url):  # noqa: ANN001, ANN201
-    async def send(method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                   raw: bytes | None = None) -> Any:
-        payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        all_headers = {"Content-Type": "application/json"} if payload is not None else {}
-        all_headers.update(headers or {})
-        return await http_client.fetch(
-            base_url + path, method=method, body=payload, headers=all_headers,
-            raise_error=False, allow_nonstandard_methods=True,
-        )
-
-    return send
-
-
 def error(response: Any) -> str:
     return json.loads(response.body)["error"]["code"]
 

@@ -50,7 +50,11 @@ class KvdApplication(Application):
             return BodyTooLarge(self, request)
         if self.fast_paths and is_plain_key_write(self.ctx, request):
             return FastKeyWrite(self, request)
-        return InFlight(self.ctx, super().find_handler(request, **kwargs))
+        return self.route(request)
+
+    def route(self, request: httputil.HTTPServerRequest) -> httputil.HTTPMessageDelegate:
+        """The URL table's handler for a request (what the fast paths fall back to)."""
+        return InFlight(self.ctx, super().find_handler(request))
 
 
 class InFlight(httputil.HTTPMessageDelegate):

@@ -109,7 +109,7 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
 
     def _fall_back(self, body: bytes = b"") -> None:
         """Hand the request to the URL table (KeyHandler), as if we had never looked."""
-        delegate = super(type(self.application), self.application).find_handler(self.request)
+        delegate = self.application.route(self.request)
         delegate.headers_received(self.start_line, self.headers)
         if body:
             delegate.data_received(body)
