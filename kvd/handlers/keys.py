@@ -114,6 +114,18 @@ class KeysBodyHandler(BaseHandler):
             raise plugin_required("expire_in", "expiry")
         return expires_at
 
+    def visible(self, batch: list[tuple[str, Entry]]) -> Iterator[tuple[str, bytes]]:
+        """Pairs as readers see them, after any ``transform_read`` plugin."""
+        if not self.ctx.reads_transformed:
+            for key, entry in batch:
+                yield key, entry.value
+            return
+        transform = self.ctx.plugins.hook.transform_read
+        for key, entry in batch:
+            replaced = transform(key=key, value=entry.value)
+            if replaced is not HIDDEN:
+                yield key, entry.value if replaced is None else replaced
+
     async def commit(self, change: Change) -> Record:
         """Validate through plugins, journal, and wait until durable and visible."""
         change.actor = self.principal
@@ -143,7 +155,7 @@ class KeysHandler(KeysBodyHandler):
     async def _stream_all(self, key_filter: KeyFilter | None) -> None:
         opened = False
         for batch in self.store.scan(key_filter, batch=LISTING_BATCH):
-            parts = [orjson.dumps(key) + b":" + value for key, value in self._visible(batch)]
+            parts = [orjson.dumps(key) + b":" + value for key, value in self.visible(batch)]
             if not parts:
                 continue
             self.write((b"," if opened else b"{") + b",".join(parts))
@@ -158,23 +170,11 @@ class KeysHandler(KeysBodyHandler):
         """Up to ``limit`` visible pairs after ``after``, and whether more remain."""
         page: list[tuple[str, bytes]] = []
         for batch in self.store.scan(key_filter, after=after, batch=min(limit + 1, LISTING_BATCH)):
-            for pair in self._visible(batch):
+            for pair in self.visible(batch):
                 if len(page) == limit:
                     return page, True
                 page.append(pair)
         return page, False
-
-    def _visible(self, batch: list[tuple[str, Entry]]) -> Iterator[tuple[str, bytes]]:
-        """Pairs as readers see them, after any ``transform_read`` plugin."""
-        if not self.ctx.reads_transformed:
-            for key, entry in batch:
-                yield key, entry.value
-            return
-        transform = self.ctx.plugins.hook.transform_read
-        for key, entry in batch:
-            replaced = transform(key=key, value=entry.value)
-            if replaced is not HIDDEN:
-                yield key, entry.value if replaced is None else replaced
 
     def _limit(self) -> int | None:
         raw = self.query("limit")
@@ -246,13 +246,10 @@ class KeyHandler(KeysBodyHandler):
         entry = self.store.get(key)
         if entry is None:
             raise NotFound(f"key {key!r} not found")
-        value = entry.value
-        if self.ctx.reads_transformed:
-            replaced = self.ctx.plugins.hook.transform_read(key=key, value=value)
-            if replaced is HIDDEN:
-                raise NotFound(f"key {key!r} not found")
-            if replaced is not None:
-                value = replaced
+        visible = list(self.visible([(key, entry)]))
+        if not visible:  # hidden by a plugin
+            raise NotFound(f"key {key!r} not found")
+        value = visible[0][1]
         tag = etag(entry)
         self.set_header("ETag", tag)
         if etag_matches(self.request.headers.get("If-None-Match"), tag):
