@@ -43,6 +43,7 @@ class AppContext:
     plugins: pluggy.PluginManager
     journal: Journal | None = None
     started_at: float = field(default_factory=time.time)
+    compactor: Any = None  # kvd.log.compaction.Compactor for a file journal
     in_flight: int = 0
     _periodic: list[PeriodicCallback] = field(default_factory=list)
 
@@ -97,9 +98,12 @@ class AppContext:
     def start_periodic_tasks(self) -> None:
         for tasks in self.plugins.hook.periodic_tasks(ctx=self):
             for task in tasks or ():
-                callback = PeriodicCallback(self._guarded(task), task.interval * 1000)
-                callback.start()
-                self._periodic.append(callback)
+                self.add_periodic_task(task)
+
+    def add_periodic_task(self, task: PeriodicTask) -> None:
+        callback = PeriodicCallback(self._guarded(task), task.interval * 1000)
+        callback.start()
+        self._periodic.append(callback)
 
     def stop_periodic_tasks(self) -> None:
         for callback in self._periodic:

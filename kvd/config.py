@@ -58,7 +58,9 @@ class JournalConfig:
     segment_bytes: int = 64 * 1024 * 1024
     compact_dead_ratio: float = 1.0
     compact_min_dead_bytes: int = 16 * 1024 * 1024
+    compact_check_seconds: float = 10.0
     archive: bool = False
+    record_client: bool = False
     backend: str = "file"
     nats: NatsConfig = field(default_factory=NatsConfig)
 
@@ -164,6 +166,8 @@ def _check_values(server: ServerConfig, journal: JournalConfig, plugins: Plugins
         raise ConfigError("journal.segment_bytes must be at least 4096")
     if journal.compact_dead_ratio < 0 or journal.compact_min_dead_bytes < 0:
         raise ConfigError("journal.compact_* settings must not be negative")
+    if journal.compact_check_seconds <= 0:
+        raise ConfigError("journal.compact_check_seconds must be positive")
     if not journal.data_dir:
         raise ConfigError("journal.data_dir must not be empty")
     if len(set(plugins.enabled)) != len(plugins.enabled):

@@ -34,6 +34,7 @@ class Change:
     expires: dict[str, float] = field(default_factory=dict)
     keys: tuple[str, ...] = ()
     actor: str | None = None
+    client: str | None = None  # the client's address, when ``journal.record_client`` is on
 
     def touched_keys(self) -> tuple[str, ...]:
         return tuple(self.set) if self.set else self.keys

@@ -18,12 +18,14 @@ import pluggy
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from kvd.app import AppContext
+from kvd.app import AppContext, PeriodicTask
 from kvd.config import Config
 from kvd.handlers import make_app
+from kvd.log.compaction import CompactionPolicy, Compactor
 from kvd.log.file import FileJournal
 from kvd.log.lock import DataDirLock, DataDirLocked
 from kvd.log.reader import JournalCorrupt
+from kvd.log.snapshot import SnapshotCorrupt
 from kvd.plugins import make_plugin_manager
 from kvd.store import Store
 
@@ -68,20 +70,31 @@ def build_context(config: Config, plugins: pluggy.PluginManager | None = None) -
         config.data_dir,
         fsync=config.journal.fsync,
         segment_bytes=config.journal.segment_bytes,
+        archive=config.journal.archive,
         on_commit=store.apply,
+        on_restore=store.restore,
         on_abort=store.abort_pending,
         on_synced=observe_sync,
     )
     store.attach(journal)
     ctx.journal = journal
+    ctx.compactor = Compactor(
+        journal,
+        store,
+        CompactionPolicy(config.journal.compact_dead_ratio, config.journal.compact_min_dead_bytes),
+    )
     return ctx
 
 
 def mark_ready(ctx: AppContext) -> None:
-    """After replay: serve, tell plugins, start their background tasks."""
+    """After replay: serve, tell plugins, start their background tasks and compaction checks."""
     ctx.store.finish_replay()
     ctx.plugins.hook.startup(ctx=ctx)
     ctx.start_periodic_tasks()
+    if ctx.compactor is not None:
+        ctx.add_periodic_task(
+            PeriodicTask("compaction", ctx.config.journal.compact_check_seconds, ctx.compactor.maybe_compact)
+        )
 
 
 async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) -> int:
@@ -123,7 +136,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     started = time.monotonic()
     try:
         await loop.run_in_executor(None, journal.replay, _log_progress)
-    except JournalCorrupt as exc:
+    except (JournalCorrupt, SnapshotCorrupt) as exc:
         log.error(
             "%s; start-up stopped so nothing is lost. See docs/journal-format.md, "
             "'Recovery', for what to do.", exc,

@@ -53,7 +53,7 @@ class Harness:
 
     def journal_lines(self) -> list[dict[str, Any]]:
         lines: list[dict[str, Any]] = []
-        for path in sorted(self.data_dir.glob("*.jsonl")):
+        for path in sorted(self.data_dir.glob("[0-9]*.jsonl")):
             lines += [json.loads(line) for line in path.read_bytes().splitlines() if line]
         return lines
 

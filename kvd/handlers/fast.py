@@ -125,6 +125,7 @@ def is_plain_key_write(ctx: AppContext, request: httputil.HTTPServerRequest) -> 
         and len(request.path) > len(PREFIX)
         and ctx.plain_reads
         and not ctx.writes_validated
+        and not ctx.config.journal.record_client
         and ctx.store.ready
     ):
         return False

@@ -129,6 +129,8 @@ class KeysBodyHandler(BaseHandler):
     async def commit(self, change: Change) -> Record:
         """Validate through plugins, journal, and wait until durable and visible."""
         change.actor = self.principal
+        if self.ctx.config.journal.record_client:
+            change.client = self.request.remote_ip
         if self.ctx.writes_validated:
             self.ctx.plugins.hook.validate_write(ctx=self.ctx, change=change)
         return await self.store.write(change)

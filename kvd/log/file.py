@@ -29,10 +29,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvd.log import faults
 from kvd.log.format import GENESIS_HASH, Record, encode_record, format_ts, segment_name
+from kvd.log.history import ARCHIVE_DIR, History, Layout
 from kvd.log.journal import Journal, JournalStats, JournalUnavailable
-from kvd.log.reader import JournalReader, list_segments
-from kvd.model import Change
+from kvd.log.reader import JournalReader, segment_first_seq
+from kvd.log.snapshot import (
+    TEMP_SUFFIX,
+    SnapshotHeader,
+    fsync_directory,
+    read_snapshot,
+    snapshot_seq,
+    write_snapshot,
+)
+from kvd.model import Change, Entry
 
 log = logging.getLogger("kvd.journal")
 
@@ -55,15 +65,19 @@ class FileJournal(Journal):
         *,
         fsync: str = "always",
         segment_bytes: int = 64 * 1024 * 1024,
+        archive: bool = False,
         on_commit: Callable[[Record], None],
+        on_restore: Callable[[str, Entry], None] = lambda key, entry: None,
         on_abort: Callable[[], None] = lambda: None,
         on_synced: Callable[[float, int, int], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(on_commit, on_abort)
+        self.on_restore = on_restore
         self.directory = Path(directory)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
+        self.archive = archive
         self.on_synced = on_synced
         self.clock = clock
         self.stats = JournalStats()
@@ -73,6 +87,9 @@ class FileJournal(Journal):
         self._active_size = 0
         self._durable_seq = 0
         self._durable_hash = GENESIS_HASH
+        self._durable_ts = ""
+        self._snapshot_seq = 0  # the newest snapshot's seq (0: none)
+        self._cut_callbacks: list[Callable[[int, str, str], None]] = []
         self._next_seq = 1
         self._head_hash = GENESIS_HASH
         self._queue: list[_Pending] = []
@@ -86,14 +103,28 @@ class FileJournal(Journal):
     # --- start-up ----------------------------------------------------------
 
     def replay(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Load the newest snapshot, then the records after it; finish any interrupted compaction."""
         started = time.monotonic()
         self.directory.mkdir(parents=True, exist_ok=True)
-        reader = JournalReader(self.directory)
-        total = sum(path.stat().st_size for path in reader.segments)
+        _remove_temp_files(self.directory)
+        layout = Layout.scan(self.directory)
+        start_seq, start_hash = 1, GENESIS_HASH
+        base = layout.base_snapshot
+        if base is not None:
+            header, entries = read_snapshot(base)
+            for key, entry in entries:
+                self.on_restore(key, entry)
+            start_seq, start_hash = header.seq + 1, header.head
+            self._snapshot_seq = header.seq
+            self._durable_ts = header.ts
+        segments = [path for path in layout.segments if _may_hold_from(layout.segments, path, start_seq)]
+        reader = JournalReader(segments=segments, start_seq=start_seq, start_hash=start_hash)
+        total = sum(path.stat().st_size for path in segments)
         next_report = PROGRESS_EVERY_BYTES
         for record in reader.records():
             self.on_commit(record)
             self.stats.records += 1
+            self._durable_ts = record.ts
             if progress is not None and reader.bytes_read >= next_report:
                 progress(reader.bytes_read, total)
                 next_report += PROGRESS_EVERY_BYTES
@@ -108,11 +139,14 @@ class FileJournal(Journal):
                 file.flush()
                 os.fsync(file.fileno())
         self._durable_seq = reader.last_seq
-        self._durable_hash = self._head_hash = reader.last_hash
+        self._durable_hash = self._head_hash = reader.last_hash or start_hash
         self._next_seq = reader.last_seq + 1
-        self._open_active(reader.segments[-1] if reader.segments else None)
-        self.stats.segments = len(list_segments(self.directory))
-        self.stats.bytes = sum(path.stat().st_size for path in list_segments(self.directory))
+        self._open_active(segments[-1] if segments else None)
+        if base is not None:
+            self._retire(self._snapshot_seq)  # a compaction may have stopped before this step
+        layout = Layout.scan(self.directory)
+        self.stats.segments = len(layout.segments)
+        self.stats.bytes = layout.total_bytes()
         self.stats.replay_seconds = time.monotonic() - started
         if progress is not None:
             progress(total, total)
@@ -125,7 +159,7 @@ class FileJournal(Journal):
         self._active_path = path
         self._active_size = os.fstat(self._fd).st_size
         if not existed:
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
 
     # --- appending ---------------------------------------------------------
 
@@ -158,11 +192,12 @@ class FileJournal(Journal):
             expires=change.expires,
             keys=change.keys if change.op in ("delete", "expire") else None,
             actor=change.actor,
+            client=change.client,
         )
         record = Record(
             seq=seq, ts=ts, op=change.op, set=change.set, expires=change.expires,
             keys=change.keys, actor=change.actor, prev=self._head_hash, hash=digest,
-            size=len(line),
+            size=len(line), client=change.client, line=line,
         )
         self._next_seq = seq + 1
         self._head_hash = digest
@@ -185,6 +220,8 @@ class FileJournal(Journal):
         costs a whole loop pass under load, and a write's answer waits for
         every hop between its append and its response.
         """
+        if self._cut_callbacks:
+            self._cut_now()
         if not self._queue:
             self._flushing = False
             assert self._flush_done is not None
@@ -208,6 +245,7 @@ class FileJournal(Journal):
             last = batch[-1].record
             self._durable_seq = last.seq
             self._durable_hash = last.hash
+            self._durable_ts = last.ts
             self.stats.records += len(batch)
             self.stats.bytes += len(data)
             self.stats.batches += 1
@@ -288,6 +326,9 @@ class FileJournal(Journal):
 
     def _roll_segment(self, first_seq: int) -> None:
         assert self._fd is not None
+        target = self.directory / segment_name(first_seq)
+        if target == self._active_path:
+            return  # the active segment already starts there (it is empty)
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
@@ -319,6 +360,116 @@ class FileJournal(Journal):
             self._refuse_after_failed_fsync(exc)
             return None
         return time.monotonic() - started
+
+    # --- compaction ----------------------------------------------------------
+
+    @property
+    def snapshot_seq(self) -> int:
+        return self._snapshot_seq
+
+    @property
+    def head_hash(self) -> str:
+        """The hash of the last durable record (the chain's head)."""
+        return self._durable_hash
+
+    @property
+    def last_ts(self) -> str:
+        return self._durable_ts
+
+    def roll_now(self, first_seq: int) -> None:
+        """Offline compaction only (no loop, no writers): start a new segment now."""
+        self._roll_segment(first_seq)
+
+    def retire_now(self, through_seq: int) -> tuple[int, int]:
+        """Offline compaction only: retire at once."""
+        retired, removed = self._retire(through_seq)
+        self._snapshot_seq = through_seq
+        return retired, removed
+
+    def history(self) -> History:
+        return History(self.directory)
+
+    def request_cut(self, callback: Callable[[int, str, str], None]) -> None:
+        """Call ``callback(seq, hash, ts)`` on the loop at the next quiet point.
+
+        A quiet point: every durable record is applied, none is being written,
+        so the store's committed view is exactly the state after ``seq``. The
+        next record then goes to a new segment, so every segment before it
+        holds only records up to ``seq``.
+        """
+        self._cut_callbacks.append(callback)
+        if not self._flushing:
+            self._cut_now()
+
+    def _cut_now(self) -> None:
+        callbacks, self._cut_callbacks = self._cut_callbacks, []
+        seq, digest, ts = self._durable_seq, self._durable_hash, self._durable_ts
+        self._roll_job = self._io.submit(self._roll_for_cut, seq + 1)
+        for callback in callbacks:
+            callback(seq, digest, ts)
+
+    def _roll_for_cut(self, first_seq: int) -> None:
+        """Runs on the journal thread, ordered before any later batch."""
+        if self._refusal is not None:
+            raise JournalUnavailable(self._refusal)
+        self._roll_segment(first_seq)
+        faults.crash_point("segment-rolled")
+
+    async def wait_rolled(self) -> None:
+        """Wait for the roll of the last ``request_cut``; raises if it failed."""
+        await asyncio.wrap_future(self._roll_job)
+
+    async def write_snapshot(self, header: SnapshotHeader, entries) -> None:  # noqa: ANN001
+        """Write a snapshot off the loop (not on the journal thread: writes go on meanwhile)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, write_snapshot, self.directory, header, entries)
+
+    async def retire(self, through_seq: int) -> tuple[int, int]:
+        """Retire segments holding only records up to ``through_seq``, and older snapshots.
+
+        Runs on the journal thread, so the active segment is never touched.
+        Segments a reader pinned stay until a later compaction. Returns
+        (segments retired, bytes removed from the live directory).
+        """
+        limit = min(through_seq, self.min_pin() - 1)
+        loop = asyncio.get_running_loop()
+        retired, removed = await loop.run_in_executor(self._io, self._retire, limit, through_seq)
+        self._snapshot_seq = max(self._snapshot_seq, through_seq)
+        self.stats.segments -= retired
+        self.stats.bytes -= removed
+        return retired, removed
+
+    def _retire(self, segments_through: int, snapshot_seq_: int | None = None) -> tuple[int, int]:
+        """Delete or archive what a snapshot made redundant; returns (segments, bytes)."""
+        snapshot_seq_ = segments_through if snapshot_seq_ is None else snapshot_seq_
+        layout = Layout.scan(self.directory)
+        retired = removed = 0
+        for path, following in zip(layout.segments, layout.segments[1:], strict=False):
+            if path == self._active_path or segment_first_seq(following) - 1 > segments_through:
+                break
+            removed += path.stat().st_size
+            self._retire_file(path)
+            retired += 1
+            if retired == 1:
+                faults.crash_point("segment-retired")
+        for path in layout.snapshots:
+            if snapshot_seq(path) < snapshot_seq_:
+                removed += path.stat().st_size
+                self._retire_file(path)
+                faults.crash_point("snapshot-retired")
+        return retired, removed
+
+    def _retire_file(self, path: Path) -> None:
+        if self.archive:
+            archive = self.directory / ARCHIVE_DIR
+            if not archive.is_dir():
+                archive.mkdir()
+                fsync_directory(self.directory)
+            os.replace(path, archive / path.name)
+            fsync_directory(archive)
+        else:
+            path.unlink()
+        fsync_directory(self.directory)
 
     # --- shutdown ----------------------------------------------------------
 
@@ -352,10 +503,14 @@ class FileJournal(Journal):
         self._fd = None
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a new file's directory entry durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _remove_temp_files(directory: Path) -> None:
+    """Half-written snapshots a crash left behind."""
+    for name in os.listdir(directory):
+        if name.endswith(TEMP_SUFFIX):
+            os.unlink(directory / name)
+
+
+def _may_hold_from(segments: list[Path], path: Path, seq: int) -> bool:
+    """Whether ``path`` may hold records at or after ``seq`` (the next segment starts later)."""
+    index = segments.index(path)
+    return index + 1 == len(segments) or segment_first_seq(segments[index + 1]) > seq

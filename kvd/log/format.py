@@ -10,6 +10,7 @@ breaks the chain. ``docs/journal-format.md`` is the normative description.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +58,14 @@ class Record:
     prev: str
     hash: str
     size: int  # bytes of the encoded line, newline included
+    client: str | None = None
+    line: bytes = b""  # the encoded line itself, as the feed and audit tools pass it on
+
+    def touches(self, match: Callable[[str], bool]) -> bool:
+        """Whether the record changes a key ``match`` accepts (a clear changes every key)."""
+        if self.op == OP_CLEAR:
+            return True
+        return any(match(key) for key in (self.set if self.op == OP_PUT else self.keys))
 
 
 _second_cache: tuple[int, str] = (-1, "")
@@ -94,6 +103,7 @@ def encode_record(
     expires: dict[str, float] | None = None,
     keys: list[str] | tuple[str, ...] | None = None,
     actor: str | None = None,
+    client: str | None = None,
 ) -> tuple[bytes, str]:
     """Encode one record; returns the line (with ``\\n``) and its hash."""
     body: dict[str, Any] = {"v": FORMAT_VERSION, "seq": seq, "ts": ts, "op": op}
@@ -105,6 +115,8 @@ def encode_record(
         body["keys"] = list(keys)
     if actor is not None:
         body["actor"] = actor
+    if client is not None:
+        body["client"] = client
     body["prev"] = prev
     hashed = orjson.dumps(body)[:-1]  # drop the closing brace; the hash field follows
     digest = hashlib.sha256(hashed).hexdigest()
@@ -155,6 +167,8 @@ def decode_record(line: bytes) -> Record:
             prev=fields["prev"],
             hash=stored_hash,
             size=len(line),
+            client=fields.get("client"),
+            line=line,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, RecordError):

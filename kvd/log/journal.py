@@ -31,6 +31,8 @@ class JournalStats:
     batches: int = 0
     batched_records: int = 0
     replay_seconds: float = 0.0
+    compactions: int = 0
+    compaction_seconds: float = 0.0  # the last one's duration
 
 
 class Journal(abc.ABC):
@@ -49,6 +51,27 @@ class Journal(abc.ABC):
     ) -> None:
         self.on_commit = on_commit
         self.on_abort = on_abort
+        self._pins: dict[object, int] = {}
+
+    def pin(self, seq: int) -> object:
+        """Keep records after ``seq`` from being compacted away until ``unpin``.
+
+        A change feed reading history pins where it is, so a compaction that
+        runs meanwhile cannot delete the records it has yet to send.
+        """
+        token = object()
+        self._pins[token] = seq
+        return token
+
+    def move_pin(self, token: object, seq: int) -> None:
+        self._pins[token] = seq
+
+    def unpin(self, token: object) -> None:
+        self._pins.pop(token, None)
+
+    def min_pin(self) -> int:
+        """One past the oldest seq a reader still needs (a huge number when none is pinned)."""
+        return min(self._pins.values(), default=2**63) + 1
 
     @abc.abstractmethod
     def replay(self, progress: Callable[[int, int], None] | None = None) -> None:

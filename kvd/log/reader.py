@@ -48,16 +48,40 @@ def list_segments(directory: Path) -> list[Path]:
     )
 
 
+def segment_first_seq(path: Path) -> int:
+    """The first sequence number a segment file may hold (from its name)."""
+    return int(path.name[: -len(SEGMENT_SUFFIX)])
+
+
 class JournalReader:
-    """Iterate the records of every segment in ``directory``, oldest first."""
+    """Iterate the records of segment files, oldest first, checking every link.
+
+    ``segments`` defaults to every segment in ``directory``. Records are
+    yielded from ``start_seq`` on, the first of them chained to
+    ``start_hash`` (a snapshot's head). When the first segment begins before
+    ``start_seq`` (a snapshot taken in the middle of it), its earlier records
+    are read and checked but not yielded, and the one at ``start_seq - 1``
+    must carry ``start_hash``. ``start_hash`` None: the record before is not
+    known, so the first record read is not linked back.
+    """
 
     def __init__(
-        self, directory: Path, *, start_seq: int = 1, start_hash: str = GENESIS_HASH
+        self,
+        directory: Path | None = None,
+        *,
+        segments: list[Path] | None = None,
+        start_seq: int = 1,
+        start_hash: str | None = GENESIS_HASH,
     ) -> None:
-        self.directory = Path(directory)
-        self.segments = list_segments(self.directory)
+        self.directory = Path(directory) if directory is not None else None
+        self.segments = segments if segments is not None else list_segments(self.directory)
+        self.start_seq = start_seq
+        self.start_hash = start_hash
         self.last_seq = start_seq - 1
-        self.last_hash = start_hash
+        self.last_hash: str | None = start_hash
+        if self.segments and segment_first_seq(self.segments[0]) < start_seq:
+            self.last_seq = segment_first_seq(self.segments[0]) - 1
+            self.last_hash = None  # the record before is not at hand
         self.torn_tail: TornTail | None = None
         self.bytes_read = 0
 
@@ -85,13 +109,22 @@ class JournalReader:
                     raise JournalCorrupt(
                         path, offset, expected, f"sequence {record.seq}, expected {expected}"
                     )
-                if record.prev != self.last_hash:
+                if self.last_hash is not None and record.prev != self.last_hash:
                     raise JournalCorrupt(path, offset, expected, "hash chain broken")
+                if (
+                    record.seq == self.start_seq - 1
+                    and self.start_hash is not None
+                    and record.hash != self.start_hash
+                ):
+                    raise JournalCorrupt(
+                        path, offset, expected, "hash differs from the snapshot's head"
+                    )
                 self.last_seq = record.seq
                 self.last_hash = record.hash
                 offset += len(line)
                 self.bytes_read += len(line)
-                yield record
+                if record.seq >= self.start_seq:
+                    yield record
 
 
 def _is_padding(data: bytes) -> bool:

@@ -17,7 +17,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -94,7 +94,7 @@ class StoreCollector(Collector):
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         store, journal = self.ctx.store, self.ctx.journal
         yield GaugeMetricFamily("kvd_keys", "Live keys (expired keys not yet swept included)", value=len(store))
         yield GaugeMetricFamily("kvd_live_bytes", "Bytes of live keys and values", value=store.live_bytes)
@@ -102,11 +102,15 @@ class StoreCollector(Collector):
         if journal is not None:
             stats = journal.stats
             yield GaugeMetricFamily("kvd_revision", "Sequence number of the last durable record", value=journal.last_seq)
-            yield GaugeMetricFamily("kvd_journal_bytes", "Bytes in journal segment files", value=stats.bytes)
+            yield GaugeMetricFamily("kvd_journal_bytes", "Bytes in journal segment and snapshot files", value=stats.bytes)
             yield GaugeMetricFamily("kvd_journal_segments", "Journal segment files", value=stats.segments)
             yield GaugeMetricFamily("kvd_journal_records", "Records replayed or written since start", value=stats.records)
             yield GaugeMetricFamily("kvd_replay_seconds", "Seconds the start-up replay took", value=stats.replay_seconds)
             yield GaugeMetricFamily("kvd_writable", "1 while the journal takes writes", value=int(journal.writable))
+            yield CounterMetricFamily("kvd_compactions", "Compactions completed since start", value=stats.compactions)
+            yield GaugeMetricFamily(
+                "kvd_compaction_seconds", "Duration of the last compaction", value=stats.compaction_seconds
+            )
 
 
 class MetricsHandler(BaseHandler):

@@ -1,0 +1,253 @@
+"""The retained history of a data directory, read-only: what auditors, the feed and ``?at=`` read.
+
+A data directory holds, besides ``LOCK``:
+
+- live segments ``<first seq>.jsonl`` (the newest one is appended to);
+- the newest snapshot ``snapshot-<seq>.jsonl`` (the state start-up loads);
+- with ``archive = true``, ``archive/`` with every retired segment and
+  snapshot, so the history since seq 1 stays replayable;
+- ``quarantine/`` with what ``kvd journal repair`` cut.
+
+The retained history starts at the oldest state that can be rebuilt: seq 0
+(the empty store) while every segment since seq 1 is still there, else the
+oldest snapshot. Nothing here takes the lock or writes, so it is safe on a
+live server's directory: a segment that compaction moves away between
+listing and opening is looked for again, and a torn tail (a write in
+progress) ends the history instead of counting as damage.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvd.log.format import GENESIS_HASH, OP_CLEAR, OP_PUT, Record, format_ts
+from kvd.log.reader import JournalCorrupt, JournalReader, list_segments, segment_first_seq
+from kvd.log.snapshot import (
+    SnapshotHeader,
+    list_snapshots,
+    read_header,
+    read_snapshot,
+    snapshot_seq,
+)
+from kvd.model import Entry
+
+ARCHIVE_DIR = "archive"
+QUARANTINE_DIR = "quarantine"
+
+
+class HistoryGone(Exception):
+    """The point asked for is older than the retained history (HTTP 410)."""
+
+
+@dataclass
+class Layout:
+    """The files of one data directory, listed once."""
+
+    directory: Path
+    segments: list[Path] = field(default_factory=list)
+    snapshots: list[Path] = field(default_factory=list)
+    archived_segments: list[Path] = field(default_factory=list)
+    archived_snapshots: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def scan(cls, directory: Path) -> Layout:
+        directory = Path(directory)
+        archive = directory / ARCHIVE_DIR
+        return cls(
+            directory,
+            list_segments(directory),
+            list_snapshots(directory),
+            list_segments(archive),
+            list_snapshots(archive),
+        )
+
+    @property
+    def all_segments(self) -> list[Path]:
+        """Archived then live segments, in seq order (a name in both counts once: the live one)."""
+        live_names = {path.name for path in self.segments}
+        archived = [path for path in self.archived_segments if path.name not in live_names]
+        return sorted(archived + self.segments, key=segment_first_seq)
+
+    @property
+    def all_snapshots(self) -> list[Path]:
+        return sorted(self.archived_snapshots + self.snapshots, key=snapshot_seq)
+
+    @property
+    def base_snapshot(self) -> Path | None:
+        """The snapshot start-up loads: the newest live one."""
+        return self.snapshots[-1] if self.snapshots else None
+
+    def total_bytes(self) -> int:
+        return sum(_size(path) for path in self.segments + self.snapshots)
+
+
+class History:
+    """Records and past states of one data directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def layout(self) -> Layout:
+        return Layout.scan(self.directory)
+
+    def oldest_point(self) -> int:
+        """The oldest seq whose state can be rebuilt (0: the empty store, all of history)."""
+        layout = self.layout()
+        segments = layout.all_segments
+        if not layout.all_snapshots or (segments and segment_first_seq(segments[0]) == 1):
+            return 0
+        return snapshot_seq(layout.all_snapshots[0])
+
+    def first_record_seq(self) -> int:
+        """The seq of the oldest record still on disk (last seq + 1 when there is none)."""
+        segments = self.layout().all_segments
+        if segments:
+            return segment_first_seq(segments[0])
+        snapshots = self.layout().all_snapshots
+        return snapshot_seq(snapshots[-1]) + 1 if snapshots else 1
+
+    def records(self, after: int = 0, *, strict_tail: bool = False) -> Iterator[Record]:
+        """Every record with ``seq > after``, in order, each checked.
+
+        Raises HistoryGone when records after ``after`` have been compacted
+        away, ``JournalCorrupt`` on damage. A torn tail ends the iteration
+        (``strict_tail`` raises instead, for verification of a stopped store).
+        """
+        last = after
+        while True:
+            layout = self.layout()
+            segments = [
+                path for index, path in enumerate(layout.all_segments)
+                if _may_hold_after(layout.all_segments, index, last)
+            ]
+            if not segments:
+                if last + 1 < self.first_record_seq() and not _ends_at(layout, last):
+                    raise HistoryGone(f"records after seq {last} are no longer retained")
+                return
+            first = segment_first_seq(segments[0])
+            if first > last + 1:
+                raise HistoryGone(f"records after seq {last} are no longer retained")
+            reader = JournalReader(
+                segments=segments, start_seq=last + 1, start_hash=_anchor(layout, last)
+            )
+            try:
+                for record in reader.records():
+                    last = record.seq
+                    yield record
+            except FileNotFoundError:
+                continue  # compaction moved a segment between listing and reading: list again
+            if reader.torn_tail is not None and strict_tail:
+                torn = reader.torn_tail
+                raise JournalCorrupt(torn.path, torn.offset, last + 1, "torn last record")
+            return
+
+    def last_seq(self) -> int:
+        last = 0
+        for record in self.records(self.oldest_point()):
+            last = record.seq
+        return last
+
+    def state_at(self, seq: int) -> tuple[dict[str, Entry], str | None]:
+        """The store's entries after record ``seq`` and that record's time.
+
+        Expired entries are still included: whether a key had expired depends
+        on the moment asked about, which the caller knows. Raises HistoryGone
+        when ``seq`` is older than the retained history.
+        """
+        base_seq, entries, ts = self._base_for(seq)
+        for record in self.records(base_seq):
+            if record.seq > seq:
+                break
+            apply_record(entries, record)
+            ts = record.ts
+        return entries, ts
+
+    def seq_at_time(self, moment: float) -> int:
+        """The last seq whose record was written at or before ``moment`` (epoch seconds)."""
+        stamp = format_ts(moment)
+        oldest = self.oldest_point()
+        best = oldest
+        if oldest:
+            header = read_header(self._snapshot_path(oldest))
+            if header.ts > stamp:
+                raise HistoryGone(f"{stamp} is before the retained history ({header.ts})")
+        for record in self.records(oldest):
+            if record.ts > stamp:
+                break
+            best = record.seq
+        return best
+
+    def _base_for(self, seq: int) -> tuple[int, dict[str, Entry], str | None]:
+        """The newest snapshot at or before ``seq`` (or the empty store) to replay from."""
+        if seq < self.oldest_point():
+            raise HistoryGone(f"seq {seq} is older than the retained history")
+        layout = self.layout()
+        usable = [path for path in layout.all_snapshots if snapshot_seq(path) <= seq]
+        if not usable:
+            return 0, {}, None
+        header, items = read_snapshot(usable[-1])
+        return header.seq, dict(items), header.ts
+
+    def _snapshot_path(self, seq: int) -> Path:
+        for path in self.layout().all_snapshots:
+            if snapshot_seq(path) == seq:
+                return path
+        raise FileNotFoundError(f"no snapshot at seq {seq}")
+
+    def snapshot_headers(self) -> list[tuple[Path, SnapshotHeader]]:
+        return [(path, read_header(path)) for path in self.layout().all_snapshots]
+
+
+def apply_record(entries: dict[str, Entry], record: Record) -> None:
+    """Replay one record into a plain dict (the store keeps its own indexes on top)."""
+    if record.op == OP_PUT:
+        for key, value in record.set.items():
+            entries[key] = Entry(value, record.seq, record.expires.get(key))
+    elif record.op == OP_CLEAR:
+        entries.clear()
+    else:
+        for key in record.keys:
+            entries.pop(key, None)
+
+
+def live_at(entries: dict[str, Entry], moment: float) -> dict[str, Entry]:
+    """The entries that had not expired at ``moment``."""
+    return {key: entry for key, entry in entries.items() if not entry.expired(moment)}
+
+
+def iter_matching(records: Iterator[Record], match: Callable[[str], bool]) -> Iterator[Record]:
+    """Records that change a key ``match`` accepts (a clear changes every key)."""
+    return (record for record in records if record.touches(match))
+
+
+def _may_hold_after(segments: list[Path], index: int, seq: int) -> bool:
+    """Whether segment ``index`` may hold a record with seq > ``seq``."""
+    if index + 1 < len(segments):
+        return segment_first_seq(segments[index + 1]) - 1 > seq
+    return True
+
+
+def _anchor(layout: Layout, seq: int) -> str | None:
+    """The hash of record ``seq`` when known without reading it (genesis or a snapshot head)."""
+    if seq == 0:
+        return GENESIS_HASH
+    for path in layout.all_snapshots:
+        if snapshot_seq(path) == seq:
+            return read_header(path).head
+    return None
+
+
+def _ends_at(layout: Layout, seq: int) -> bool:
+    """Whether the history ends exactly at ``seq`` (the newest snapshot, no records after)."""
+    return bool(layout.snapshots) and snapshot_seq(layout.snapshots[-1]) == seq
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+

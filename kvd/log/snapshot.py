@@ -1,0 +1,211 @@
+"""Snapshot files: the whole live state at one sequence number.
+
+Compaction writes one so that the segments before it can be retired, and
+start-up loads the newest one instead of replaying all history. A snapshot
+is JSON Lines too, readable with ``jq``:
+
+    {"v":1,"snapshot":true,"seq":S,"ts":"...","head":"<hash of record S>","keys":N}
+    {"k":"<key>","r":<revision>,"x":"<expiry>","v":<value>}     one line per key, "x" optional
+    {"end":true,"keys":N,"sha256":"<SHA-256 of every byte before this line>"}
+
+``head`` ties the snapshot into the hash chain: the first record after it
+has ``prev`` equal to ``head``. The trailer's digest covers the header and
+every entry, so any edit, a missing line or a torn file is detected.
+Values are written and read back as the exact bytes the store holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from kvd.log import faults
+from kvd.log.format import FORMAT_VERSION, format_ts, parse_ts
+from kvd.model import Entry
+
+SNAPSHOT_PREFIX = "snapshot-"
+SNAPSHOT_SUFFIX = ".jsonl"
+TEMP_SUFFIX = ".tmp"
+_VALUE_SEPARATOR = b',"v":'
+
+
+class SnapshotCorrupt(Exception):
+    """A snapshot file fails its checks."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"snapshot {path} is damaged: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SnapshotHeader:
+    seq: int  # the state after this record
+    ts: str  # that record's time
+    head: str  # that record's hash
+    keys: int
+
+
+def snapshot_name(seq: int) -> str:
+    return f"{SNAPSHOT_PREFIX}{seq:020d}{SNAPSHOT_SUFFIX}"
+
+
+def is_snapshot_name(name: str) -> bool:
+    middle = name[len(SNAPSHOT_PREFIX) : -len(SNAPSHOT_SUFFIX)]
+    return name.startswith(SNAPSHOT_PREFIX) and name.endswith(SNAPSHOT_SUFFIX) and middle.isdigit()
+
+
+def snapshot_seq(path: Path) -> int:
+    return int(path.name[len(SNAPSHOT_PREFIX) : -len(SNAPSHOT_SUFFIX)])
+
+
+def list_snapshots(directory: Path) -> list[Path]:
+    """Snapshot files in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(directory / name for name in os.listdir(directory) if is_snapshot_name(name))
+
+
+def encode_entry(key: str, entry: Entry) -> bytes:
+    meta: dict[str, object] = {"k": key, "r": entry.revision}
+    if entry.expires_at is not None:
+        meta["x"] = format_ts(entry.expires_at)
+    return orjson.dumps(meta)[:-1] + _VALUE_SEPARATOR + entry.value + b"}\n"
+
+
+def decode_entry(line: bytes) -> tuple[str, Entry]:
+    """One entry line back to (key, Entry); the value is sliced out, not re-encoded.
+
+    The first ``,"v":`` is the separator: the key is a JSON string, in which
+    every ``"`` is escaped, and ``r``/``x`` hold a number and a timestamp.
+    """
+    meta_part, _, value = line.partition(_VALUE_SEPARATOR)
+    if not value.endswith(b"}\n"):
+        raise ValueError("entry line does not end its value")
+    meta = orjson.loads(meta_part + b"}")
+    expiry = meta.get("x")
+    return meta["k"], Entry(value[:-2], int(meta["r"]), parse_ts(expiry) if expiry else None)
+
+
+def write_snapshot(
+    directory: Path, header: SnapshotHeader, entries: Iterable[tuple[str, Entry]]
+) -> Path:
+    """Write atomically: a temp file, fsync, rename, fsync the directory.
+
+    Returns the final path. A crash leaves either no snapshot or a complete
+    one (plus perhaps a ``.tmp`` file, which start-up deletes).
+    """
+    final = directory / snapshot_name(header.seq)
+    temp = final.with_name(final.name + TEMP_SUFFIX)
+    digest = hashlib.sha256()
+    count = 0
+    with open(temp, "wb") as file:
+        first = orjson.dumps(
+            {"v": FORMAT_VERSION, "snapshot": True, "seq": header.seq, "ts": header.ts,
+             "head": header.head, "keys": header.keys}
+        ) + b"\n"
+        digest.update(first)
+        file.write(first)
+        chunk: list[bytes] = []
+        for key, entry in entries:
+            chunk.append(encode_entry(key, entry))
+            count += 1
+            if len(chunk) >= 4096:
+                data = b"".join(chunk)
+                digest.update(data)
+                file.write(data)
+                chunk.clear()
+        data = b"".join(chunk)
+        digest.update(data)
+        file.write(data)
+        if count != header.keys:
+            raise ValueError(f"snapshot header says {header.keys} keys, {count} were written")
+        file.write(orjson.dumps({"end": True, "keys": count, "sha256": digest.hexdigest()}) + b"\n")
+        file.flush()
+        os.fsync(file.fileno())
+    faults.crash_point("snapshot-written")
+    os.replace(temp, final)
+    faults.crash_point("snapshot-renamed")
+    fsync_directory(directory)
+    return final
+
+
+def read_header(path: Path) -> SnapshotHeader:
+    """The first line only (cheap); the entries are checked by ``read_snapshot``."""
+    with open(path, "rb") as file:
+        return _parse_header(path, file.readline())
+
+
+def _parse_header(path: Path, line: bytes) -> SnapshotHeader:
+    try:
+        fields = orjson.loads(line)
+        if fields.get("v") != FORMAT_VERSION or fields.get("snapshot") is not True:
+            raise ValueError("not a version 1 snapshot header")
+        header = SnapshotHeader(
+            int(fields["seq"]), str(fields["ts"]), str(fields["head"]), int(fields["keys"])
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotCorrupt(path, f"bad header: {exc}") from None
+    if header.seq != snapshot_seq(path):
+        raise SnapshotCorrupt(path, f"header seq {header.seq} differs from the file name")
+    return header
+
+
+def read_snapshot(path: Path) -> tuple[SnapshotHeader, Iterator[tuple[str, Entry]]]:
+    """The header, and an iterator of entries that raises SnapshotCorrupt on damage.
+
+    The digest can only be checked at the end, so a caller must treat what it
+    got as void when the iterator raises.
+    """
+    file = open(path, "rb")  # noqa: SIM115 - closed by the iterator
+    first = file.readline()
+    try:
+        header = _parse_header(path, first)
+    except SnapshotCorrupt:
+        file.close()
+        raise
+
+    def entries() -> Iterator[tuple[str, Entry]]:
+        digest = hashlib.sha256(first)
+        count = 0
+        with file:
+            for line in file:
+                if line.startswith(b'{"end":'):
+                    _check_trailer(path, line, digest.hexdigest(), count, header)
+                    if file.read(1):
+                        raise SnapshotCorrupt(path, "data after the trailer")
+                    return
+                digest.update(line)
+                try:
+                    yield decode_entry(line)
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    raise SnapshotCorrupt(path, f"bad entry {count + 1}: {exc}") from None
+                count += 1
+        raise SnapshotCorrupt(path, "no trailer (file cut short)")
+
+    return header, entries()
+
+
+def _check_trailer(path: Path, line: bytes, digest: str, count: int, header: SnapshotHeader) -> None:
+    try:
+        trailer = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise SnapshotCorrupt(path, "bad trailer") from None
+    if trailer.get("sha256") != digest:
+        raise SnapshotCorrupt(path, "checksum mismatch")
+    if trailer.get("keys") != count or header.keys != count:
+        raise SnapshotCorrupt(path, f"{count} entries, the header says {header.keys}")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a new, renamed or removed directory entry durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
