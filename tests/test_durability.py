@@ -49,7 +49,7 @@ def read_chain(data_dir: Path) -> list[dict[str, Any]]:
     """
     records: list[dict[str, Any]] = []
     prev = GENESIS_HASH
-    for path in sorted(data_dir.glob("*.jsonl")):
+    for path in sorted(data_dir.glob("[0-9]*.jsonl")):
         data = path.read_bytes()
         assert not data or data.endswith(b"\n"), f"{path.name} ends in a partial record"
         lines = data.splitlines(keepends=True)
@@ -70,7 +70,7 @@ def read_chain(data_dir: Path) -> list[dict[str, Any]]:
 
 
 def journal_files(data_dir: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(data_dir.glob("*.jsonl"))}
+    return {path.name: path.read_bytes() for path in sorted(data_dir.glob("[0-9]*.jsonl"))}
 
 
 def store_state(harness: Any) -> dict[str, Any]:
@@ -304,7 +304,7 @@ def test_sigkill_under_concurrent_writers_loses_no_acknowledged_write(
             assert records[revision - 1]["op"] == "put"
             assert records[revision - 1]["set"] == batch, f"revision {revision} holds another write"
     if segment_bytes:
-        assert len(list(data_dir.glob("*.jsonl"))) > 10, "segments never rolled"
+        assert len(list(data_dir.glob("[0-9]*.jsonl"))) > 10, "segments never rolled"
     ready = restarted.request("GET", "/readyz")
     assert ready.status == 200 and ready.json()["revision"] == len(records)
     # Numbering goes on from the recovered end, chained to it.
@@ -440,7 +440,7 @@ def test_torn_tail_in_an_earlier_segment_refuses_start_up(kvd_process, tmp_path)
     for index in range(10):
         assert server.request("PUT", "/keys", {f"k{index}": "v" * 1500}).status == 200
     assert server.kill(signal.SIGTERM) == 0
-    segments = sorted(data_dir.glob("*.jsonl"))
+    segments = sorted(data_dir.glob("[0-9]*.jsonl"))
     assert len(segments) >= 3
     first = segments[0].read_bytes()
     segments[0].write_bytes(first[:-10])  # unterminated, but not in the last segment

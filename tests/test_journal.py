@@ -219,7 +219,7 @@ async def test_segments_roll_over_and_replay_across_them(tmp_path):
         await harness.store.write(Change(op="put", set={f"k{i}": b'"' + b"x" * 200 + b'"'}))
     harness.ctx.stop_periodic_tasks()
     await harness.journal.close()
-    segments = sorted((tmp_path / "d").glob("*.jsonl"))
+    segments = sorted((tmp_path / "d").glob("[0-9]*.jsonl"))
     assert len(segments) > 2
     reopened = build_harness(tmp_path / "d")
     try:
