@@ -369,3 +369,32 @@ def test_a_crash_at_each_compaction_step_loses_nothing(kvd_process, tmp_path, st
     if archive:
         assert History(data_dir).oldest_point() == 0  # the whole history is still there
     assert len(layout.snapshots) <= 1
+
+
+# --- over HTTP ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_post_journal_compact_runs_one_and_reports_it(api, harness):
+    for i in range(50):
+        response = await api("PUT", "/keys", {"a": i, f"k{i % 5}": "x" * 50})
+        assert response.code == 200
+    answer = await api("POST", "/journal/compact", raw=b"")
+    assert answer.code == 200, answer.body
+    report = json.loads(answer.body)
+    assert report["seq"] == 50 and report["keys"] == 6
+    assert report["bytes_after"] < report["bytes_before"]
+    assert [snapshot_seq(path) for path in Layout.scan(harness.data_dir).snapshots] == [50]
+    metrics = (await api("GET", "/metrics")).body.decode()
+    assert "kvd_compactions_total 1.0" in metrics
+    again = await api("POST", "/journal/compact", raw=b"")
+    assert json.loads(again.body)["segments_retired"] == 0  # nothing new since
+
+
+@pytest.mark.gen_test
+async def test_post_journal_compact_is_refused_while_one_runs(api, harness):
+    harness.ctx.compactor.running = True
+    answer = await api("POST", "/journal/compact", raw=b"")
+    assert answer.code == 503 and answer.headers["Retry-After"] == "1"
+    assert json.loads(answer.body)["error"]["code"] == "unavailable"
+    harness.ctx.compactor.running = False

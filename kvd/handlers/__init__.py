@@ -9,6 +9,7 @@ from tornado import httputil
 from tornado.web import Application
 
 from kvd.app import AppContext, Route
+from kvd.handlers.admin import CompactHandler
 from kvd.handlers.base import NotFoundHandler
 from kvd.handlers.fast import (
     BodyTooLarge,
@@ -30,6 +31,7 @@ def core_routes(ctx: AppContext) -> list[Route]:
         (r"/keys/(.+)", KeyHandler, shared),
         (r"/healthz", HealthHandler, shared),
         (r"/readyz", ReadyHandler, shared),
+        (r"/journal/compact", CompactHandler, shared),
         (r"/openapi\.json", OpenAPIHandler, shared),
     ]
 
