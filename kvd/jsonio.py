@@ -28,7 +28,8 @@ _DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x78 for b in range(256))
 _DIGIT_RUN = b"0" * 19
 
 
-def _may_hold_long_integer(raw: bytes) -> bool:
+def may_hold_long_integer(raw: bytes) -> bool:
+    """Whether orjson could misread an integer in ``raw`` (it reads >64-bit ones as floats)."""
     if _DIGIT_RUN not in raw.translate(_DIGITS_ONLY):
         return False
     return bool(_LONG_INTEGER.search(raw)) or raw.lstrip()[:1] in b"-0123456789"
@@ -59,7 +60,7 @@ def loads(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> Any:
     """
     raw = data.encode() if isinstance(data, str) else data
     try:
-        if _may_hold_long_integer(raw):
+        if may_hold_long_integer(raw):
             value = _exact_decoder.decode(raw.decode("utf-8"))
         else:
             value = orjson.loads(raw)

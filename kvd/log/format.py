@@ -39,9 +39,12 @@ class RecordError(ValueError):
     """A line is not a valid record (bad JSON, bad hash, broken chain)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
     """One committed journal entry, as read back or as just written.
+
+    Treat it as immutable (not frozen only because frozen dataclasses are
+    slow to build, and replay builds one per record).
 
     ``set`` maps keys to their JSON-encoded values (bytes, exactly as stored);
     ``expires`` maps a subset of those keys to absolute expiry times (epoch
@@ -139,8 +142,11 @@ def decode_record(line: bytes) -> Record:
     if hashlib.sha256(line[:cut]).hexdigest() != stored_hash:
         raise RecordError("checksum mismatch")
     try:
-        fields = jsonio.loads(line, max_depth=None)  # checked when written
-    except jsonio.JSONError as exc:
+        if jsonio.may_hold_long_integer(line):
+            fields = jsonio.loads(line, max_depth=None)  # depth was checked when written
+        else:
+            fields = orjson.loads(line)
+    except (jsonio.JSONError, orjson.JSONDecodeError) as exc:
         raise RecordError(f"not JSON: {exc}") from None
     try:
         if fields.get("v") != FORMAT_VERSION:
@@ -156,19 +162,10 @@ def decode_record(line: bytes) -> Record:
         expires = (
             {key: parse_ts(at) for key, at in raw_expires.items()} if raw_expires else {}
         )
-        return Record(
-            seq=int(fields["seq"]),
-            ts=fields["ts"],
-            op=op,
-            set=set_values,
-            expires=expires,
-            keys=tuple(fields.get("keys", ())),
-            actor=fields.get("actor"),
-            prev=fields["prev"],
-            hash=stored_hash,
-            size=len(line),
-            client=fields.get("client"),
-            line=line,
+        return Record(  # positional: measurably faster, and replay builds millions
+            int(fields["seq"]), fields["ts"], op, set_values, expires,
+            tuple(fields.get("keys", ())), fields.get("actor"), fields["prev"], stored_hash,
+            len(line), fields.get("client"), line,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, RecordError):

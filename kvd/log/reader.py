@@ -95,7 +95,7 @@ class JournalReader:
         with open(path, "rb") as file:
             for line in file:
                 expected = self.last_seq + 1
-                if not line.endswith(b"\n") or _is_padding(line):
+                if not line.endswith(b"\n") or (line[:1] != b"{" and _is_padding(line)):
                     rest = line + file.read()
                     if is_last and (b"\n" not in rest or _is_padding(rest)):
                         self.torn_tail = TornTail(path, offset, len(rest))
