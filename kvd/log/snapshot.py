@@ -32,6 +32,8 @@ SNAPSHOT_PREFIX = "snapshot-"
 SNAPSHOT_SUFFIX = ".jsonl"
 TEMP_SUFFIX = ".tmp"
 _VALUE_SEPARATOR = b',"v":'
+_TRAILER_START = b'\n{"end":'  # entry lines start {"k":, and keys cannot hold a raw newline
+CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class SnapshotCorrupt(Exception):
@@ -79,17 +81,17 @@ def encode_entry(key: str, entry: Entry) -> bytes:
 
 
 def decode_entry(line: bytes) -> tuple[str, Entry]:
-    """One entry line back to (key, Entry); the value is sliced out, not re-encoded.
+    """One entry line (without its newline) back to (key, Entry); the value is sliced out, not re-encoded.
 
     The first ``,"v":`` is the separator: the key is a JSON string, in which
     every ``"`` is escaped, and ``r``/``x`` hold a number and a timestamp.
     """
     meta_part, _, value = line.partition(_VALUE_SEPARATOR)
-    if not value.endswith(b"}\n"):
+    if not value.endswith(b"}"):
         raise ValueError("entry line does not end its value")
     meta = orjson.loads(meta_part + b"}")
     expiry = meta.get("x")
-    return meta["k"], Entry(value[:-2], int(meta["r"]), parse_ts(expiry) if expiry else None)
+    return meta["k"], Entry(value[:-1], int(meta["r"]), parse_ts(expiry) if expiry else None)
 
 
 def write_snapshot(
@@ -171,24 +173,45 @@ def read_snapshot(path: Path) -> tuple[SnapshotHeader, Iterator[tuple[str, Entry
         raise
 
     def entries() -> Iterator[tuple[str, Entry]]:
+        # Read in large chunks and hash each chunk once: per-line reads and
+        # digest updates cost more than decoding the entries themselves.
         digest = hashlib.sha256(first)
         count = 0
+        rest = b""
         with file:
-            for line in file:
-                if line.startswith(b'{"end":'):
-                    _check_trailer(path, line, digest.hexdigest(), count, header)
-                    if file.read(1):
+            while True:
+                chunk = file.read(CHUNK_BYTES)
+                data = rest + chunk
+                if not chunk:
+                    break
+                end = data.rfind(b"\n") + 1
+                block, rest = data[:end], data[end:]
+                trailer_at = _trailer_offset(block)
+                entries_part = block[:trailer_at]
+                digest.update(entries_part)
+                for line in entries_part.split(b"\n")[:-1]:
+                    try:
+                        yield decode_entry(line)
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                        raise SnapshotCorrupt(path, f"bad entry {count + 1}: {exc}") from None
+                    count += 1
+                if trailer_at < len(block):
+                    trailer = block[trailer_at:]
+                    if trailer.count(b"\n") != 1 or rest or file.read(1):
                         raise SnapshotCorrupt(path, "data after the trailer")
+                    _check_trailer(path, trailer, digest.hexdigest(), count, header)
                     return
-                digest.update(line)
-                try:
-                    yield decode_entry(line)
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    raise SnapshotCorrupt(path, f"bad entry {count + 1}: {exc}") from None
-                count += 1
         raise SnapshotCorrupt(path, "no trailer (file cut short)")
 
     return header, entries()
+
+
+def _trailer_offset(block: bytes) -> int:
+    """Where the trailer line starts in a block of whole lines (its length when absent)."""
+    if block.startswith(_TRAILER_START[1:]):
+        return 0
+    found = block.find(_TRAILER_START)
+    return found + 1 if found >= 0 else len(block)
 
 
 def _check_trailer(path: Path, line: bytes, digest: str, count: int, header: SnapshotHeader) -> None:
