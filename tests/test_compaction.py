@@ -398,3 +398,40 @@ async def test_post_journal_compact_is_refused_while_one_runs(api, harness):
     assert answer.code == 503 and answer.headers["Retry-After"] == "1"
     assert json.loads(answer.body)["error"]["code"] == "unavailable"
     harness.ctx.compactor.running = False
+
+
+def test_a_failed_snapshot_write_leaves_nothing_and_writes_go_on(tmp_path, monkeypatch):
+    """A full disk while writing the snapshot: no temp file left, no segment retired, serving goes on."""
+    from kvd.log import snapshot as snapshot_module
+
+    data_dir = tmp_path / "data"
+
+    async def run() -> None:
+        harness = build_harness(data_dir, **SMALL)
+        model = await write_many(harness.store, 200)
+        segments = Layout.scan(data_dir).segments
+        real_encode = snapshot_module.encode_entry
+        calls = 0
+
+        def encode_until_full(key, entry):  # noqa: ANN001, ANN202
+            nonlocal calls
+            calls += 1
+            if calls > 10:
+                raise OSError(28, "No space left on device")
+            return real_encode(key, entry)
+
+        monkeypatch.setattr(snapshot_module, "encode_entry", encode_until_full)
+        with pytest.raises(OSError, match="No space"):
+            await harness.ctx.compactor.compact()
+        assert not harness.ctx.compactor.running
+        layout = Layout.scan(data_dir)
+        assert not layout.snapshots and not list(data_dir.glob("*.tmp"))
+        assert set(segments) <= set(layout.segments)  # nothing retired
+        model.update(await write_many(harness.store, 20, start=200))
+        monkeypatch.setattr(snapshot_module, "encode_entry", real_encode)
+        report = await harness.ctx.compactor.compact()
+        assert report.seq == 220
+        await harness.journal.close()
+        assert state_of(reopen(data_dir).store) == model
+
+    asyncio.run(run())

@@ -94,8 +94,12 @@ class Compactor:
             )
 
             def capture(seq: int, head: str, ts: str) -> None:
-                keys, entries = self.store.snapshot_view()
-                cut.set_result((SnapshotHeader(seq, ts, head, len(keys)), keys, entries))
+                try:
+                    keys, entries = self.store.snapshot_view()
+                except Exception as exc:  # noqa: BLE001 - handed to the awaiting compaction
+                    cut.set_exception(exc)
+                else:
+                    cut.set_result((SnapshotHeader(seq, ts, head, len(keys)), keys, entries))
 
             self.journal.request_cut(capture)
             header, keys, entries = await cut

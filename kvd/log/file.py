@@ -406,7 +406,10 @@ class FileJournal(Journal):
         seq, digest, ts = self._durable_seq, self._durable_hash, self._durable_ts
         self._roll_job = self._io.submit(self._roll_for_cut, seq + 1)
         for callback in callbacks:
-            callback(seq, digest, ts)
+            try:
+                callback(seq, digest, ts)
+            except Exception:  # runs inside the write path: it must never stop writes
+                log.exception("a journal cut callback failed")
 
     def _roll_for_cut(self, first_seq: int) -> None:
         """Runs on the journal thread, ordered before any later batch."""

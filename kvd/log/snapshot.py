@@ -104,6 +104,19 @@ def write_snapshot(
     """
     final = directory / snapshot_name(header.seq)
     temp = final.with_name(final.name + TEMP_SUFFIX)
+    try:
+        _write_temp(temp, header, entries)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a full disk must not leave half a snapshot behind
+        raise
+    faults.crash_point("snapshot-written")
+    os.replace(temp, final)
+    faults.crash_point("snapshot-renamed")
+    fsync_directory(directory)
+    return final
+
+
+def _write_temp(temp: Path, header: SnapshotHeader, entries: Iterable[tuple[str, Entry]]) -> None:
     digest = hashlib.sha256()
     count = 0
     with open(temp, "wb") as file:
@@ -130,11 +143,6 @@ def write_snapshot(
         file.write(orjson.dumps({"end": True, "keys": count, "sha256": digest.hexdigest()}) + b"\n")
         file.flush()
         os.fsync(file.fileno())
-    faults.crash_point("snapshot-written")
-    os.replace(temp, final)
-    faults.crash_point("snapshot-renamed")
-    fsync_directory(directory)
-    return final
 
 
 def read_header(path: Path) -> SnapshotHeader:
