@@ -8,6 +8,7 @@ until the journal has been replayed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -134,6 +135,10 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     log.info("listening on %s://%s:%d (data in %s)", scheme, _url_host(host), port, config.data_dir)
 
     started = time.monotonic()
+    # Replay builds millions of long-lived objects and frees almost none: the
+    # cyclic collector would only rescan them, again and again (about half of
+    # the load time). Afterwards they are frozen out of its sight for good.
+    gc.disable()
     try:
         await loop.run_in_executor(None, journal.replay, _log_progress)
     except (JournalCorrupt, SnapshotCorrupt) as exc:
@@ -144,6 +149,9 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         server.stop()
         journal.close_sync()
         return EXIT_FAILURE
+    finally:
+        gc.freeze()
+        gc.enable()
     mark_ready(ctx)
     log.info(
         "ready: %d keys at revision %d, replay took %.2fs",
