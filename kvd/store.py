@@ -68,9 +68,16 @@ class Store:
         """A consistent copy of the committed state: keys in order and their entries.
 
         Shallow copies are enough: ``apply`` replaces entries, never changes
-        one in place. Taken on the loop; for 1M keys it costs tens of ms.
+        one in place. Taken on the loop (about 0.2 s for 1M keys), so it serves
+        only where a forked snapshot writer is not available.
         """
         return list(self._index), dict(self._entries)
+
+    def ordered_items(self) -> Iterator[tuple[str, Entry]]:
+        """Committed entries in key order (for a snapshot writer that owns a copy of the store)."""
+        entries = self._entries
+        for key in self._index:
+            yield key, entries[key]
 
     def finish_replay(self) -> None:
         """Build the sorted index once (replay skips it: one sort beats a million inserts)."""

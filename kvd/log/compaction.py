@@ -3,12 +3,13 @@
 Online, the steps are split between the event loop and threads so that
 requests keep being served and writes keep landing:
 
-1. on the loop, at a quiet point of the journal (``request_cut``): take the
-   state after seq S as a consistent copy (a shallow dict copy; entries are
-   replaced, never changed in place) and make the next record start a new
-   segment;
-2. on a worker thread: write the snapshot (temp file, fsync, rename, fsync
-   directory);
+1. on the loop, at a quiet point of the journal (``request_cut``): fork a
+   child that sees the state after seq S (copy-on-write), and make the next
+   record start a new segment;
+2. in the child: write the snapshot (temp file, fsync, rename, fsync
+   directory), then exit; the server waits for it off the loop. Without
+   ``fork`` the state is copied on the loop instead (a shallow dict copy;
+   entries are replaced, never changed in place) and written by a thread;
 3. on the journal thread: delete or archive the segments holding only
    records up to S, and the previous snapshot.
 
@@ -20,10 +21,17 @@ it, start-up loads the new snapshot and finishes step 3 itself.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
+import os
+import signal
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvd.log import faults
 from kvd.log.file import FileJournal
@@ -70,6 +78,8 @@ class Compactor:
         self.store = store
         self.policy = policy
         self.running = False
+        self.fork = hasattr(os, "fork") and sys.platform == "linux"
+        """Write snapshots from a forked child (else from a thread of this process)."""
 
     def due(self) -> bool:
         estimate = live_estimate(self.store.committed_entries(), self.store.live_bytes)
@@ -89,25 +99,34 @@ class Compactor:
         bytes_before = self.journal.stats.bytes
         try:
             loop = asyncio.get_running_loop()
-            cut: asyncio.Future[tuple[SnapshotHeader, list[str], dict[str, Entry]]] = (
-                loop.create_future()
-            )
+            cut: asyncio.Future[tuple[SnapshotHeader, Any]] = loop.create_future()
 
             def capture(seq: int, head: str, ts: str) -> None:
+                header = SnapshotHeader(seq, ts, head, len(self.store))
                 try:
-                    keys, entries = self.store.snapshot_view()
+                    if seq == 0 or seq == self.journal.snapshot_seq:
+                        writer = None  # nothing new since the last snapshot
+                    elif self.fork:
+                        writer = fork_snapshot_writer(self.journal.directory, header, self.store)
+                    else:
+                        writer = self.store.snapshot_view()
                 except Exception as exc:  # noqa: BLE001 - handed to the awaiting compaction
                     cut.set_exception(exc)
                 else:
-                    cut.set_result((SnapshotHeader(seq, ts, head, len(keys)), keys, entries))
+                    cut.set_result((header, writer))
 
             self.journal.request_cut(capture)
-            header, keys, entries = await cut
-            await self.journal.wait_rolled()
-            if header.seq == 0 or header.seq == self.journal.snapshot_seq:
-                return self._report(header, 0, bytes_before, started)  # nothing new to compact
-            items = ((key, entries[key]) for key in keys)
-            await self.journal.write_snapshot(header, items)
+            header, writer = await cut
+            try:
+                await self.journal.wait_rolled()
+            finally:
+                if isinstance(writer, int):
+                    await wait_for_writer(writer)
+            if writer is None:
+                return self._report(header, 0, bytes_before, started)
+            if not isinstance(writer, int):
+                keys, entries = writer
+                await self.journal.write_snapshot(header, ((key, entries[key]) for key in keys))
             retired, _ = await self.journal.retire(header.seq)
             faults.crash_point("compaction-done")
             self.journal.stats.bytes += _size(self.journal.directory, header.seq)
@@ -130,6 +149,61 @@ class Compactor:
             header.seq, header.keys, retired, bytes_before, self.journal.stats.bytes,
             time.monotonic() - started,
         )
+
+
+class CompactionFailed(Exception):
+    """The snapshot writer did not finish; nothing was retired."""
+
+
+def fork_snapshot_writer(directory: Path, header: SnapshotHeader, store) -> int:  # noqa: ANN001
+    """Fork a child that writes the snapshot of ``store`` as it is now; returns its pid.
+
+    Like Redis's BGSAVE: the child sees the state at the moment of the fork
+    (copy-on-write pages), so nothing is copied on the loop, and the
+    encoding runs on another core instead of contending with the event loop
+    for the GIL. The child runs no loop, no thread and no logging; it dies
+    with the server (PR_SET_PDEATHSIG) and, at a test crash point, takes
+    the server with it, as one crash would.
+    """
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        gc.disable()
+        _die_with(parent)
+        faults.crash_with(parent)
+        write_snapshot(directory, header, store.ordered_items())
+        code = 0
+    except BaseException:  # noqa: BLE001 - the child must always reach _exit
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+async def wait_for_writer(pid: int) -> None:
+    """Reap the snapshot writer; raises CompactionFailed unless it exited 0."""
+    loop = asyncio.get_running_loop()
+    _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise CompactionFailed(f"the snapshot writer (pid {pid}) exited with status {code}")
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this child if the server dies first (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def compact_stopped(journal: FileJournal, store) -> CompactionReport:  # noqa: ANN001

@@ -24,6 +24,17 @@ COMPACTION_STEPS = (
 )
 
 
+_also_kill: int | None = None  # the server, in a forked snapshot writer
+
+
+def crash_with(pid: int) -> None:
+    """In a forked child: a crash point kills ``pid`` (the server) too, as one crash would."""
+    global _also_kill
+    _also_kill = pid
+
+
 def crash_point(step: str) -> None:
     if os.environ.get(CRASH_ENV) == step:
+        if _also_kill is not None:
+            os.kill(_also_kill, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
