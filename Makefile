@@ -29,17 +29,20 @@ lint: $(VENV)/.installed-test
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Benchmarks (docs/benchmarks.md): `make bench` and `make bench-replay`, in their
-# own environment so the benchmark's extra packages never reach .venv.
-# Flags go through BENCH_ARGS and REPLAY_ARGS, e.g.
+# Benchmarks (docs/benchmarks.md): `make bench`, `make bench-replay` and
+# `make bench-compaction`, in their own environment so the benchmark's extra
+# packages never reach .venv.
+# Flags go through BENCH_ARGS, REPLAY_ARGS and COMPACTION_ARGS, e.g.
 #   make bench BENCH_ARGS="--duration 5 --servers kvd,etcd"
 #   make bench-replay REPLAY_ARGS="--records 200000"
+#   make bench-compaction COMPACTION_ARGS="--keys 200000 --repeats 1"
 BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_ARGS ?=
 REPLAY_ARGS ?=
+COMPACTION_ARGS ?=
 
-.PHONY: bench bench-replay
+.PHONY: bench bench-replay bench-compaction
 
 $(BENCH_VENV)/.installed: requirements.txt pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -56,3 +59,6 @@ bench: $(BENCH_VENV)/.installed
 
 bench-replay: $(BENCH_VENV)/.installed
 	$(BENCH_PY) bench/replay.py $(REPLAY_ARGS)
+
+bench-compaction: $(BENCH_VENV)/.installed
+	$(BENCH_PY) bench/compaction.py $(COMPACTION_ARGS)
