@@ -1,6 +1,8 @@
-"""The ``kvd`` command: ``serve``, ``plugins`` and ``token`` (``journal`` tools come with the audit work).
+"""The ``kvd`` command line: ``serve``, ``plugins``, ``token`` and ``journal``.
 
-Usage errors and bad settings exit 2 with a message naming the problem.
+This module only parses arguments and loads settings; ``kvd.audit`` does the
+``journal`` actions. Usage errors and bad settings exit 2 with a message
+naming the problem.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from kvd import __version__
+from kvd.audit import ExpectedHead
 from kvd.config import FSYNC_POLICIES, Config, ConfigError, load_config
+from kvd.log.format import OPS, parse_ts
+from kvd.model import KeyFilter
 
 EXIT_USAGE = 2
 
@@ -50,7 +55,144 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope", required=True, action="append", metavar="SCOPES",
         help="comma-separated scopes: read, write, admin (admin implies all)",
     )
+    _add_journal_commands(commands)
     return parser
+
+
+JOURNAL_DESCRIPTION = """\
+Audit and maintain a store's journal. dump, verify, replay, history and stats
+only read (no lock, no writes), so they are safe on a running server's
+directory. compact and repair change it and refuse while a server runs.
+Times (T) are ISO 8601 (2026-11-27T18:38:34Z; no zone means UTC; a date alone
+is its midnight). Exit status: 0 done, 1 failed (damage found, a point older
+than the retained history, store in use), 2 usage error."""
+
+
+def _add_journal_commands(commands: argparse._SubParsersAction) -> None:
+    journal = commands.add_parser(
+        "journal", help="audit and maintain the journal (dump, verify, replay, ...)",
+        description=JOURNAL_DESCRIPTION,
+    )
+    actions = journal.add_subparsers(dest="journal_command", required=True, metavar="ACTION")
+
+    dump = _journal_action(
+        actions, "dump", "print records as JSON Lines, exactly as stored",
+        "Print the retained records (archive included), oldest first, byte for byte as "
+        "stored, so jq works and every hash can be recomputed. Filters combine (AND). "
+        "Ranges are inclusive at both ends.",
+    )
+    dump.add_argument(
+        "--key", metavar="PATTERN", type=_key_pattern,
+        help="records that change a matching key (the ?filter= language: * any run, ? one "
+             "character, \\ escapes); a clear changes every key",
+    )
+    dump.add_argument("--op", action="append", choices=OPS, help="only this op (repeatable)")
+    since = dump.add_mutually_exclusive_group()
+    since.add_argument("--since", metavar="T", type=_time, help="records written at or after T")
+    since.add_argument("--since-seq", metavar="N", type=_seq, help="records with seq >= N")
+    until = dump.add_mutually_exclusive_group()
+    until.add_argument("--until", metavar="T", type=_time, help="records written at or before T")
+    until.add_argument("--until-seq", metavar="N", type=_seq, help="records with seq <= N")
+
+    verify = _journal_action(
+        actions, "verify", "check checksums, the hash chain and snapshots; exit 0 clean, 1 damaged",
+        "Check every retained record (checksum, seq, link to the record before), every "
+        "segment boundary, and every snapshot (digest; head against its record; entries "
+        "against the replayed records). Prints a summary ending in the head as SEQ:HASH, or "
+        "a DAMAGED line naming the file, byte offset and seq of the first bad record. A torn "
+        "last record (a write in progress, or a crash mid-write) is a warning, not damage: "
+        "it was never acknowledged and kvd serve cuts it at start-up.",
+    )
+    verify.add_argument(
+        "--expect-head", metavar="SEQ:HASH", type=_expected_head,
+        help="a head printed by an earlier verify: fail unless record SEQ still has HASH "
+             "(detects records cut off the end, and rewritten history)",
+    )
+
+    replay = _journal_action(
+        actions, "replay", "print the state at a time or seq as one JSON object",
+        "Print the store's keys and values at that point as one JSON object sorted by key. "
+        "Keys that had expired at that moment (T, or record N's time) are left out. A point "
+        "older than the retained history exits 1.",
+    )
+    point = replay.add_mutually_exclusive_group(required=True)
+    point.add_argument("--at", metavar="T", type=_time, help="the state at time T")
+    point.add_argument("--seq", metavar="N", type=_seq, help="the state right after record N (0: empty)")
+
+    history = _journal_action(
+        actions, "history", "every change of one key, oldest first, as JSON Lines",
+        'One line per record that changed KEY: {"seq", "ts", "op", "actor" and "client" when '
+        'recorded, "value" and "expires" for a put}. delete, expire and clear records show '
+        "with their op (a clear only when the key existed). KEY is literal, not a pattern. "
+        "Exit 0 with no output when the key never changed in the retained history.",
+    )
+    history.add_argument("key", metavar="KEY", help="the key (literal)")
+
+    stats = _journal_action(
+        actions, "stats", "records, segments, bytes, live keys, snapshots, head",
+        "Records (by op), segments, snapshots, archive and quarantine (files and bytes), live "
+        "keys now, the oldest retained point and the head seq and hash.",
+    )
+    stats.add_argument("--json", action="store_true", help="one JSON object, for machines")
+
+    _journal_action(
+        actions, "compact", "compact a stopped store",
+        "Snapshot the state and retire the segments it replaces (deleted, or moved to "
+        "archive/ when journal.archive is on). Takes the data directory's lock: exits 1 "
+        "while a server runs (use POST /journal/compact then).",
+    )
+
+    repair = _journal_action(
+        actions, "repair", "cut damaged records into quarantine/ so the store opens",
+        "Find the first damage start-up would stop at and move that record and everything "
+        "after it into quarantine/ (fsynced; nothing is deleted); a damaged newest snapshot "
+        "is replaced by an older base from the archive when one exists, else nothing changes "
+        "and it exits 1. Takes the lock: exits 1 while a server runs. Exits 0 when verify "
+        "passes afterwards.",
+    )
+    repair.add_argument("--dry-run", action="store_true", help="print what would be cut; change nothing")
+
+
+def _journal_action(
+    actions: argparse._SubParsersAction, name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    parser = actions.add_parser(name, help=summary, description=description)
+    _add_config_option(parser)
+    parser.add_argument("--data-dir", metavar="D", help="the store's directory (default: journal.data_dir)")
+    return parser
+
+
+def _time(text: str) -> float:
+    try:
+        return parse_ts(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+
+
+def _seq(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a sequence number (0, 1, 2, ...): {text!r}")
+    return int(text)
+
+
+def _key_pattern(text: str) -> KeyFilter:
+    from kvd.errors import KvdError
+    from kvd.plugins.filter import compile_pattern
+
+    try:
+        return compile_pattern(text)
+    except KvdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _expected_head(text: str) -> ExpectedHead:
+    seq, _, digest = text.partition(":")
+    digest = digest.lower()
+    if not seq.isdigit() or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise argparse.ArgumentTypeError(
+            f"expected SEQ:HASH (a seq, a colon, 64 lowercase hex digits), not {text!r}"
+        )
+    return ExpectedHead(int(seq), digest)
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(config, args)
         if args.command == "token":
             return _new_token(args)
+        if args.command == "journal":
+            from kvd import audit
+
+            return audit.run(config, args)
         return _list_plugins(config)
     except ConfigError as exc:
         print(f"kvd: error: {exc}", file=sys.stderr)

@@ -117,6 +117,7 @@ class History:
         (``strict_tail`` raises instead, for verification of a stopped store).
         """
         last = after
+        last_hash: str | None = None  # of record ``last`` once one was read: links a re-listing
         while True:
             layout = self.layout()
             segments = [
@@ -130,12 +131,11 @@ class History:
             first = segment_first_seq(segments[0])
             if first > last + 1:
                 raise HistoryGone(f"records after seq {last} are no longer retained")
-            reader = JournalReader(
-                segments=segments, start_seq=last + 1, start_hash=_anchor(layout, last)
-            )
+            anchor = last_hash if last_hash is not None else _anchor(layout, last)
+            reader = JournalReader(segments=segments, start_seq=last + 1, start_hash=anchor)
             try:
                 for record in reader.records():
-                    last = record.seq
+                    last, last_hash = record.seq, record.hash
                     yield record
             except FileNotFoundError:
                 continue  # compaction moved a segment between listing and reading: list again
