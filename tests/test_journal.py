@@ -258,3 +258,21 @@ async def test_a_record_the_store_cannot_apply_stops_writes_but_not_the_journal(
     assert harness.store.get("keep") is not None  # reads still served
     seqs, _ = read_all(harness.data_dir)
     assert seqs == [1, 2]  # the record is durable: a restart applies it
+
+
+def test_a_complete_last_record_with_a_damaged_newline_is_damage_not_a_torn_tail(tmp_path):
+    """A torn write leaves a prefix; a whole record followed by a wrong byte was acknowledged."""
+    directory = tmp_path / "d"
+    directory.mkdir()
+    first, digest = encode_record(seq=1, ts="2026-11-27T00:00:00.000000Z", op="put",
+                                  prev=GENESIS_HASH, set_values={"a": b"1"})
+    second, _ = encode_record(seq=2, ts="2026-11-27T00:00:01.000000Z", op="put",
+                              prev=digest, set_values={"b": b"2"})
+    segment = directory / segment_name(1)
+    for bad_byte in (b"\x0b", b"\x00", b"}"):
+        segment.write_bytes(first + second[:-1] + bad_byte)
+        with pytest.raises(JournalCorrupt, match="seq 2"):
+            read_all(directory)
+    segment.write_bytes(first + second[:-1])  # the newline never written: torn, never acknowledged
+    seqs, reader = read_all(directory)
+    assert seqs == [1] and reader.torn_tail is not None

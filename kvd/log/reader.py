@@ -97,7 +97,7 @@ class JournalReader:
                 expected = self.last_seq + 1
                 if not line.endswith(b"\n") or (line[:1] != b"{" and _is_padding(line)):
                     rest = line + file.read()
-                    if is_last and (b"\n" not in rest or _is_padding(rest)):
+                    if is_last and _is_torn(rest):
                         self.torn_tail = TornTail(path, offset, len(rest))
                         return
                     raise JournalCorrupt(path, offset, expected, "unterminated record")
@@ -125,6 +125,24 @@ class JournalReader:
                 self.bytes_read += len(line)
                 if record.seq >= self.start_seq:
                     yield record
+
+
+def _is_torn(rest: bytes) -> bool:
+    """Whether the bytes after the last good record are what a crash mid-write leaves.
+
+    A torn write leaves a prefix of a record (no newline) or NUL padding. A
+    complete record whose newline is another byte is not a prefix of what
+    was written: that is a damaged, acknowledged record, not a torn one.
+    """
+    if _is_padding(rest):
+        return True
+    if b"\n" in rest:
+        return False
+    try:
+        decode_record(rest[:-1] + b"\n")
+    except RecordError:
+        return True
+    return False
 
 
 def _is_padding(data: bytes) -> bool:
