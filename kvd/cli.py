@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from kvd import __version__
-from kvd.audit import ExpectedHead
+from kvd.audit.verify import ExpectedHead
 from kvd.config import FSYNC_POLICIES, Config, ConfigError, load_config
 from kvd.log.format import OPS, parse_ts
 from kvd.model import KeyFilter

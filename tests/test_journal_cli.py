@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from kvd import audit
+from kvd.audit import progress
 from kvd.cli import main
 from kvd.log.compaction import CompactionPolicy, Compactor
 from kvd.log.file import FileJournal
@@ -504,8 +504,8 @@ def test_expect_head_catches_records_cut_off_the_end_and_rewritten_history(tmp_p
 def test_verify_prints_progress_only_to_a_terminal(archived, kvd_journal, monkeypatch):
     data_dir, _ = archived
     assert kvd_journal("verify", data_dir).err == ""  # not a terminal: no meter
-    monkeypatch.setattr(audit, "PROGRESS_DELAY_SECONDS", 0.0)
-    monkeypatch.setattr(audit, "PROGRESS_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_DELAY_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_SECONDS", 0.0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     ran = kvd_journal("verify", data_dir)
     assert ran.code == 0 and "\rverify: " in ran.err and "%" in ran.err

@@ -107,6 +107,13 @@ class FileJournal(Journal):
         started = time.monotonic()
         self.directory.mkdir(parents=True, exist_ok=True)
         _remove_temp_files(self.directory)
+        if not self.archive and (self.directory / ARCHIVE_DIR).is_dir():
+            log.warning(
+                "%s exists: retired segments keep going there although journal.archive is off, "
+                "since deleting them would leave a gap in the archived history; move the "
+                "directory away to stop archiving", self.directory / ARCHIVE_DIR,
+            )
+            self.archive = True
         layout = Layout.scan(self.directory)
         start_seq, start_hash = 1, GENESIS_HASH
         base = layout.base_snapshot

@@ -1,0 +1,345 @@
+"""``kvd journal repair``: move what stops the store from opening into quarantine/.
+
+Nothing is deleted: cut bytes are moved (fsynced) beside a manifest that
+says where each came from and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from kvd.audit.base import EXIT_FAILURE, EXIT_OK, error, file_size, lock_for_writing
+from kvd.audit.verify import verification_report, verify_directory
+from kvd.config import Config
+from kvd.log.format import GENESIS_HASH, format_ts
+from kvd.log.history import ARCHIVE_DIR, QUARANTINE_DIR, Layout
+from kvd.log.reader import JournalCorrupt, JournalReader, segment_first_seq
+from kvd.log.snapshot import (
+    SnapshotCorrupt,
+    SnapshotHeader,
+    fsync_directory,
+    is_snapshot_name,
+    read_snapshot,
+    snapshot_seq,
+)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Bytes to move into quarantine: ``source`` from ``offset`` to its end (0: the whole file)."""
+
+    source: Path
+    offset: int
+    length: int
+    seqs: tuple[int, int] | None  # the records the bytes seem to hold, when they can be read
+    reason: str
+
+
+@dataclass
+class RepairPlan:
+    """What ``repair`` will do, worked out before anything changes."""
+
+    restore: list[Path] = field(default_factory=list)  # archived files to move back to live
+    cuts: list[Cut] = field(default_factory=list)
+    refusal: str | None = None
+    base_seq: int = 0  # the state start-up will load after the repair
+
+    @property
+    def empty(self) -> bool:
+        return not self.restore and not self.cuts
+
+
+@dataclass(frozen=True)
+class _Base:
+    """A state start-up can load: a snapshot's, or the empty store's (seq 0, no snapshot)."""
+
+    seq: int
+    head: str
+    snapshot: Path | None
+
+
+def plan_repair(directory: Path) -> RepairPlan:
+    """Find what stops the store from opening, and what to move so that it opens.
+
+    Start-up reads the newest live snapshot and the live segments after it.
+    A damaged (or missing) base is replaced by an older one when the archive
+    can rebuild it; otherwise the repair is refused and nothing changes.
+    Then the first damaged record and everything after it is cut. Damaged
+    snapshots are quarantined. Damaged archived segments are left alone:
+    start-up does not read them, and cutting them would destroy evidence.
+    """
+    layout = Layout.scan(directory)
+    plan = RepairPlan()
+    damaged: dict[Path, str] = {}
+    intact: dict[Path, SnapshotHeader] = {}
+    for path in layout.all_snapshots:
+        try:
+            header, entries = read_snapshot(path)
+            for _ in entries:
+                pass
+            intact[path] = header
+        except SnapshotCorrupt as exc:
+            damaged[path] = exc.reason
+    for path, reason in damaged.items():
+        plan.cuts.append(Cut(path, 0, file_size(path), None, f"snapshot damaged: {reason}"))
+
+    base = layout.base_snapshot
+    live = layout.segments
+    live_first = segment_first_seq(live[0]) if live else None
+    if base is not None and base in intact:
+        chosen = _Base(intact[base].seq, intact[base].head, base)
+    elif base is None and (live_first is None or live_first == 1):
+        chosen = _Base(0, GENESIS_HASH, None)
+    else:
+        # The base is damaged, or missing while the live records start later than seq 1.
+        need = snapshot_seq(base) if base is not None else live_first - 1  # type: ignore[operator]
+        fallback = _fallback(layout, intact, need)
+        if fallback is None:
+            what = (
+                f"the newest snapshot {base} is damaged ({damaged[base]})" if base is not None
+                else f"the live records start at seq {live_first} but no snapshot ends at seq {need}"
+            )
+            plan.refusal = (
+                f"{what}, and no older base (an intact older snapshot with the records after "
+                f"it, or the archive from seq 1) can rebuild the state at seq {need}: repairing "
+                "would lose everything after it. Nothing was changed; restore it from a backup."
+            )
+            return plan
+        chosen, plan.restore = fallback
+    plan.base_seq = chosen.seq
+
+    # The segments start-up will read once the restored files are back.
+    restored_segments = [path for path in plan.restore if not is_snapshot_name(path.name)]
+    after_restore = sorted(live + restored_segments, key=segment_first_seq)
+    segments = _segments_from(after_restore, chosen.seq + 1)
+    reader = JournalReader(segments=segments, start_seq=chosen.seq + 1, start_hash=chosen.head)
+    try:
+        for _ in reader.records():
+            pass
+    except JournalCorrupt as exc:
+        if exc.seq <= chosen.seq:
+            plan.refusal = (
+                f"{exc}; the damage is before the snapshot at seq {chosen.seq}, in a segment that "
+                "also holds later records, so cutting it would lose those too. Nothing was "
+                "changed; restore the segment from a backup."
+            )
+            return plan
+        index = segments.index(exc.path)
+        plan.cuts.append(_cut(exc.path, exc.offset, exc.seq, f"damaged: {exc.reason}"))
+        for later in segments[index + 1 :]:
+            plan.cuts.append(_cut(later, 0, None, f"follows the damage at seq {exc.seq}"))
+        return plan
+    torn = reader.torn_tail
+    if torn is not None:
+        plan.cuts.append(_cut(torn.path, torn.offset, None, "torn last record (never acknowledged)"))
+    return plan
+
+
+def _fallback(
+    layout: Layout, intact: dict[Path, SnapshotHeader], need: int
+) -> tuple[_Base, list[Path]] | None:
+    """An older base whose records reach seq ``need`` unbroken, and the archived files it needs."""
+    segments = layout.all_segments
+    candidates = [
+        _Base(header.seq, header.head, path)
+        for path, header in sorted(intact.items(), key=lambda item: -item[1].seq)
+        if header.seq < need
+    ]
+    if segments and segment_first_seq(segments[0]) == 1:
+        candidates.append(_Base(0, GENESIS_HASH, None))
+    for candidate in candidates:
+        needed = _segments_from(segments, candidate.seq + 1)
+        reader = JournalReader(segments=needed, start_seq=candidate.seq + 1, start_hash=candidate.head)
+        try:
+            for _ in reader.records():
+                pass
+            reached = reader.last_seq
+        except JournalCorrupt as exc:
+            reached = exc.seq - 1
+        if reached < need:
+            continue
+        restore = [path for path in needed if path.parent.name == ARCHIVE_DIR]
+        if candidate.snapshot is not None and candidate.snapshot.parent.name == ARCHIVE_DIR:
+            restore.append(candidate.snapshot)
+        return candidate, restore
+    return None
+
+
+def _segments_from(segments: list[Path], seq: int) -> list[Path]:
+    """The segments that may hold records at or after ``seq``."""
+    return [
+        path for index, path in enumerate(segments)
+        if index + 1 == len(segments) or segment_first_seq(segments[index + 1]) > seq
+    ]
+
+
+def _cut(path: Path, offset: int, first_seq: int | None, reason: str) -> Cut:
+    length = file_size(path) - offset
+    seqs = _seqs_in(path, offset)
+    if first_seq is not None and seqs is not None:
+        seqs = (first_seq, max(first_seq, seqs[1]))
+    elif first_seq is not None:
+        seqs = (first_seq, first_seq)
+    return Cut(path, offset, length, seqs, reason)
+
+
+def _seqs_in(path: Path, offset: int) -> tuple[int, int] | None:
+    """The lowest and highest ``seq`` of the lines from ``offset`` that still parse (best effort)."""
+    seqs = []
+    with open(path, "rb") as file:
+        file.seek(offset)
+        for line in file:
+            try:
+                seq = orjson.loads(line).get("seq")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(seq, int):
+                seqs.append(seq)
+    return (min(seqs), max(seqs)) if seqs else None
+
+
+def apply_repair(directory: Path, plan: RepairPlan) -> list[tuple[Cut, Path]]:
+    """Carry out ``plan``: restore, then quarantine; every step fsynced, nothing deleted.
+
+    Order matters for a crash half-way: the older base is put back before the
+    damaged one leaves, so the directory never lacks a base, and running
+    ``repair`` again finishes the job. Returns each cut with where it went.
+    """
+    archive = directory / ARCHIVE_DIR
+    for path in plan.restore:
+        os.replace(path, directory / path.name)
+        fsync_directory(archive)
+        fsync_directory(directory)
+    quarantine = directory / QUARANTINE_DIR
+    if plan.cuts and not quarantine.is_dir():
+        quarantine.mkdir()
+        fsync_directory(directory)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved: list[tuple[Cut, Path]] = []
+    for cut in plan.cuts:
+        source = _where_now(directory, cut.source, plan.restore)
+        origin = f"{ARCHIVE_DIR}-{source.name}" if source.parent.name == ARCHIVE_DIR else source.name
+        name = f"{stamp}-{origin}" + (f"-from-byte-{cut.offset}" if cut.offset else "")
+        target = _unused(quarantine / name)
+        if cut.offset == 0:
+            # A whole file moves: one rename. A segment emptied by truncation would
+            # keep a name that no longer matches its first record.
+            os.replace(source, target)
+            fsync_directory(quarantine)
+            fsync_directory(source.parent)
+        else:
+            _copy_tail(source, cut.offset, target)
+            fsync_directory(quarantine)
+            with open(source, "r+b") as file:
+                file.truncate(cut.offset)
+                file.flush()
+                os.fsync(file.fileno())
+        moved.append((cut, target))
+    if moved:
+        _write_manifest(_unused(quarantine / f"{stamp}-repair.json"), directory, moved, plan)
+    return moved
+
+
+def _where_now(directory: Path, path: Path, restored: list[Path]) -> Path:
+    return directory / path.name if path in restored else path
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path.2``, ``path.3``... when a repair in the same second took it."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
+
+
+def _copy_tail(source: Path, offset: int, target: Path) -> None:
+    """Copy ``source`` from ``offset`` to a new file, atomically (temp, fsync, rename)."""
+    temp = target.with_name(target.name + ".tmp")
+    with open(source, "rb") as reader, open(temp, "wb") as writer:
+        reader.seek(offset)
+        while chunk := reader.read(1 << 20):
+            writer.write(chunk)
+        writer.flush()
+        os.fsync(writer.fileno())
+    os.replace(temp, target)
+
+
+def _write_manifest(
+    path: Path, directory: Path, moved: list[tuple[Cut, Path]], plan: RepairPlan
+) -> None:
+    """A note beside the cut bytes saying where each came from and why."""
+    manifest = {
+        "repaired_at": format_ts(time.time()),
+        "base_seq": plan.base_seq,
+        "restored_from_archive": [path.name for path in plan.restore],
+        "cuts": [
+            {
+                "source": str(cut.source.relative_to(directory)),
+                "offset": cut.offset,
+                "bytes": cut.length,
+                "seqs": list(cut.seqs) if cut.seqs else None,
+                "reason": cut.reason,
+                "quarantined_as": target.name,
+            }
+            for cut, target in moved
+        ],
+    }
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "wb") as file:
+        file.write(json.dumps(manifest, indent=2).encode() + b"\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+    fsync_directory(path.parent)
+
+
+def run(directory: Path, args: argparse.Namespace, config: Config) -> int:
+    """Plan, apply (unless --dry-run) and verify again; exit 0 only when verify then passes."""
+    lock = lock_for_writing(directory, "`kvd journal verify` works beside it, read-only")
+    try:
+        plan = plan_repair(directory)
+        if plan.refusal is not None:
+            error(plan.refusal)
+            return EXIT_FAILURE
+        if plan.empty:
+            print("nothing to repair: the snapshot and the records start-up reads are intact")
+        if args.dry_run:
+            for path in plan.restore:
+                print(f"would restore {path} to {directory} (for the older base start-up will load)")
+            for cut in plan.cuts:
+                print(f"would cut {_describe_cut(cut)}: {cut.reason}")
+            return EXIT_OK
+        moved = apply_repair(directory, plan)
+        for path in plan.restore:
+            print(f"restored {path} to {directory} (for the older base start-up will load)")
+        for cut, target in moved:
+            print(f"cut {_describe_cut(cut)} -> {target}: {cut.reason}")
+    finally:
+        lock.release()
+    result = verify_directory(directory)
+    if result.ok:
+        print(f"after repair: {directory} verifies; head seq {result.head_seq}, "
+              f"hash {result.head_hash}")
+        return EXIT_OK
+    print("after repair the store opens, but verify still finds damage that repair does not cut:")
+    for line in verification_report(result):
+        print(f"  {line}")
+    print("  (repair cuts only what start-up reads, the newest snapshot and the records after "
+          "it; older and archived history is left as evidence: restore the file from a backup, "
+          "or move it out of the data directory)")
+    return EXIT_FAILURE
+
+
+def _describe_cut(cut: Cut) -> str:
+    seqs = f"seq {cut.seqs[0]}..{cut.seqs[1]}, " if cut.seqs else ""
+    where = f"{cut.source} from byte {cut.offset}" if cut.offset else str(cut.source)
+    return f"{where} ({seqs}{cut.length} bytes)"
+
