@@ -45,6 +45,8 @@ class AppContext:
     started_at: float = field(default_factory=time.time)
     compactor: Any = None  # kvd.log.compaction.Compactor for a file journal
     in_flight: int = 0
+    streams: set[Callable[[], None]] = field(default_factory=set)
+    """How to end each open ``GET /journal?follow=1`` stream; called when the server stops."""
     _periodic: list[PeriodicCallback] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -109,6 +111,21 @@ class AppContext:
         for callback in self._periodic:
             callback.stop()
         self._periodic.clear()
+
+    def end_streams(self) -> None:
+        """The server is stopping: end every open ``GET /journal?follow=1`` stream.
+
+        A follower never finishes by itself, so it does not count as in
+        flight (the drain does not wait for it); it is ended here, with a last
+        line saying why, before the server closes the connections.
+        """
+        for end in list(self.streams):
+            try:
+                end()
+            except Exception as exc:
+                log.exception("ending a journal stream failed")
+                self.report_error("stream_end", exc)
+        self.streams.clear()
 
     def _guarded(self, task: PeriodicTask) -> Callable[[], Awaitable[None]]:
         async def run() -> None:

@@ -161,6 +161,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     await stopping.wait()
     log.info("stopping: draining %d in-flight requests", ctx.in_flight)
     server.stop()
+    ctx.end_streams()
     deadline = time.monotonic() + config.server.drain_seconds
     while ctx.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)

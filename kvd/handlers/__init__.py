@@ -19,6 +19,7 @@ from kvd.handlers.fast import (
     is_plain_key_read,
     is_plain_key_write,
 )
+from kvd.handlers.feed import FeedHandler
 from kvd.handlers.health import HealthHandler, ReadyHandler
 from kvd.handlers.keys import KeyHandler, KeysHandler
 from kvd.handlers.openapi import OpenAPIHandler
@@ -31,6 +32,7 @@ def core_routes(ctx: AppContext) -> list[Route]:
         (r"/keys/(.+)", KeyHandler, shared),
         (r"/healthz", HealthHandler, shared),
         (r"/readyz", ReadyHandler, shared),
+        (r"/journal", FeedHandler, shared),
         (r"/journal/compact", CompactHandler, shared),
         (r"/openapi\.json", OpenAPIHandler, shared),
     ]

@@ -42,6 +42,9 @@ class BaseHandler(RequestHandler):
     principal: str | None = None
     """Who is asking, when a plugin knows it; recorded as the actor of writes."""
 
+    past_reads = False
+    """Whether GET and HEAD answer ``?at=`` (a past state); elsewhere ``require_ready`` refuses it."""
+
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.store = ctx.store
@@ -101,9 +104,13 @@ class BaseHandler(RequestHandler):
     def require_ready(self) -> None:
         if not self.store.ready:
             raise Unavailable("kvd is replaying its journal", headers={"Retry-After": "1"})
-        if "at" in self.request.query_arguments:
-            # Silently answering with the current state would be a wrong answer.
-            raise BadRequest("?at= (reading a past state) is not available in this release")
+        if "at" in self.request.query_arguments and not (
+            self.past_reads and self.request.method in ("GET", "HEAD")
+        ):
+            # Ignoring it would write, or answer with the present, as if it had been honoured.
+            raise BadRequest(
+                "?at= reads a past state: only GET and HEAD of /keys and /keys/{id} take it"
+            )
 
     def send_json(self, body: bytes, status: int = 200) -> None:
         self.set_status(status)
@@ -166,7 +173,7 @@ class NotFoundHandler(BaseHandler):
 
     SUPPORTED_METHODS = _EveryMethod()  # type: ignore[assignment]
 
-    plugin_routes = {"/metrics": "metrics", "/journal": "journal"}
+    plugin_routes = {"/metrics": "metrics"}
 
     def prepare(self) -> None:
         super().prepare()

@@ -1,9 +1,19 @@
-"""``/keys`` and ``/keys/{id}``: reads from the committed view, writes through the store."""
+"""``/keys`` and ``/keys/{id}``: reads from the committed view, writes through the store.
+
+``GET``/``HEAD`` with ``?at=X`` (a seq or an ISO 8601 time) read a past state
+instead: the retained history is replayed up to X in a worker thread (from
+the newest snapshot at or before it), and the whole state at X is held in
+memory for the request.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import bisect
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -12,6 +22,7 @@ import orjson
 from kvd import HIDDEN, jsonio
 from kvd.errors import (
     BadRequest,
+    Gone,
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
@@ -19,7 +30,9 @@ from kvd.errors import (
     plugin_required,
 )
 from kvd.handlers.base import JSON_TYPE, READ, WRITE, BaseHandler
-from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record
+from kvd.handlers.feed import parse_seq, retained_history
+from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record, parse_ts
+from kvd.log.history import History, HistoryGone
 from kvd.model import Change, Entry, KeyFilter
 
 MAX_KEY_BYTES = 1024
@@ -78,6 +91,71 @@ def key_body(key: str, value: bytes) -> bytes:
     return b"{" + orjson.dumps(key) + b":" + value + b"}"
 
 
+# --- ?at= ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PastState:
+    """The store as it was at one point of its history."""
+
+    seq: int
+    """The last record applied."""
+    moment: float
+    """The time asked for, or that record's time; keys expired by then are left out."""
+    entries: dict[str, Entry]
+
+    def listing(self, key_filter: KeyFilter | None) -> list[tuple[str, Entry]]:
+        """Its entries sorted by key (code point order), only those ``key_filter`` matches."""
+        keys = sorted(self.entries)
+        if key_filter is not None:
+            prefix, match = key_filter.prefix, key_filter.match
+            keys = [key for key in keys if key.startswith(prefix) and match(key)]
+        return [(key, self.entries[key]) for key in keys]
+
+
+def parse_point(raw: str) -> int | float:
+    """``?at=``: a seq (ASCII digits, an int) or an ISO 8601 time (epoch seconds, a float)."""
+    if raw.isascii() and raw.isdigit():
+        return parse_seq(raw, "at")
+    try:
+        # RFC 3339 allows a lower-case T and Z; Python's parser does not.
+        return parse_ts(raw.upper() if raw.isascii() else raw)
+    except (ValueError, OverflowError):
+        raise BadRequest(
+            f"at must be a sequence number or an ISO 8601 time, not {raw!r}"
+        ) from None
+
+
+def read_past_state(history: History, point: int | float, head: int, now: float) -> PastState:
+    """Replay the retained history up to ``point`` (blocking: run it in a worker thread).
+
+    A seq is at most ``head`` (the caller checks). A time at or after ``now``
+    is the current state; before the retained history, HistoryGone.
+    """
+    if isinstance(point, int):
+        seq = point
+        moment = None
+    elif point >= now:
+        seq, moment = head, now
+    else:
+        # Records on disk past ``head`` are not durable yet: not part of any answer.
+        seq, moment = min(history.seq_at_time(max(point, 0.0)), head), point
+    entries, ts = history.state_at(seq)
+    if moment is None:
+        moment = parse_ts(ts) if ts is not None else now
+    live = {key: entry for key, entry in entries.items() if not entry.expired(moment)}
+    return PastState(seq, moment, live)
+
+
+def past_batches(
+    items: list[tuple[str, Entry]], after: str | None, batch: int
+) -> Iterator[list[tuple[str, Entry]]]:
+    """Like ``Store.scan``, over a past listing: batches of the items after key ``after``."""
+    start = 0 if after is None else bisect.bisect_right(items, after, key=lambda item: item[0])
+    for index in range(start, len(items), batch):
+        yield items[index : index + batch]
+
+
 class KeysBodyHandler(BaseHandler):
     """Parses a JSON body, answering 415/400 before anything is written.
 
@@ -87,6 +165,7 @@ class KeysBodyHandler(BaseHandler):
     """
 
     scopes = {"GET": READ, "HEAD": READ, "PUT": WRITE, "PATCH": WRITE, "DELETE": WRITE}
+    past_reads = True
 
     def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
         """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
@@ -126,6 +205,30 @@ class KeysBodyHandler(BaseHandler):
             if replaced is not HIDDEN:
                 yield key, entry.value if replaced is None else replaced
 
+    async def past_state(self) -> PastState | None:
+        """The state ``?at=`` asks for (None without it): 400 past the head, 410 before the history."""
+        raw = self.query("at")
+        if raw is None:
+            return None
+        point = parse_point(raw)
+        history = retained_history(self.ctx)
+        head = self.ctx.journal.last_seq
+        if isinstance(point, int) and point > head:
+            raise BadRequest(f"at={point} is beyond the newest revision, {head}")
+        loop = asyncio.get_running_loop()
+        replay = functools.partial(read_past_state, history, point, head, self.store.clock())
+        try:
+            try:
+                return await loop.run_in_executor(None, replay)
+            except HistoryGone:
+                # A compaction may have retired files under the replay: look once more.
+                return await loop.run_in_executor(None, replay)
+        except HistoryGone:
+            raise Gone(
+                f"at={raw} is older than the retained history: compaction retired it "
+                "(keep it with [journal] archive = true)"
+            ) from None
+
     async def commit(self, change: Change) -> Record:
         """Validate through plugins, journal, and wait until durable and visible."""
         change.actor = self.principal
@@ -144,19 +247,35 @@ class KeysHandler(KeysBodyHandler):
         key_filter = self._key_filter()
         limit = self._limit()
         after = self._cursor()
+        past = await self.past_state()
+        items = None
+        if past is not None:
+            loop = asyncio.get_running_loop()
+            items = await loop.run_in_executor(None, past.listing, key_filter)
         self.set_header("Content-Type", JSON_TYPE)
         if limit is None and after is None:
-            await self._stream_all(key_filter)
+            await self._stream_all(key_filter, items)
             return
-        page, more = self._page(key_filter, after, limit or MAX_LIMIT)
+        page, more = self._page(key_filter, after, limit or MAX_LIMIT, items)
         if more:
             self.set_header("Link", f'<{self._next_url(page[-1][0], limit)}>; rel="next"')
         body = b",".join(orjson.dumps(key) + b":" + value for key, value in page)
         self.finish(b"{" + body + b"}")
 
-    async def _stream_all(self, key_filter: KeyFilter | None) -> None:
+    def _batches(
+        self, key_filter: KeyFilter | None, after: str | None, batch: int,
+        past: list[tuple[str, Entry]] | None,
+    ) -> Iterator[list[tuple[str, Entry]]]:
+        """Entries in key order, from the store or from a past listing (already filtered)."""
+        if past is not None:
+            return past_batches(past, after, batch)
+        return self.store.scan(key_filter, after=after, batch=batch)
+
+    async def _stream_all(
+        self, key_filter: KeyFilter | None, past: list[tuple[str, Entry]] | None
+    ) -> None:
         opened = False
-        for batch in self.store.scan(key_filter, batch=LISTING_BATCH):
+        for batch in self._batches(key_filter, None, LISTING_BATCH, past):
             parts = [orjson.dumps(key) + b":" + value for key, value in self.visible(batch)]
             if not parts:
                 continue
@@ -167,11 +286,12 @@ class KeysHandler(KeysBodyHandler):
         self.finish(b"}" if opened else b"{}")
 
     def _page(
-        self, key_filter: KeyFilter | None, after: str | None, limit: int
+        self, key_filter: KeyFilter | None, after: str | None, limit: int,
+        past: list[tuple[str, Entry]] | None,
     ) -> tuple[list[tuple[str, bytes]], bool]:
         """Up to ``limit`` visible pairs after ``after``, and whether more remain."""
         page: list[tuple[str, bytes]] = []
-        for batch in self.store.scan(key_filter, after=after, batch=min(limit + 1, LISTING_BATCH)):
+        for batch in self._batches(key_filter, after, min(limit + 1, LISTING_BATCH), past):
             for pair in self.visible(batch):
                 if len(page) == limit:
                     return page, True
@@ -202,9 +322,10 @@ class KeysHandler(KeysBodyHandler):
     def _next_url(self, last_key: str, limit: int | None) -> str:
         cursor = base64.urlsafe_b64encode(CURSOR_VERSION + last_key.encode()).rstrip(b"=").decode()
         params = {"limit": str(limit or MAX_LIMIT), "cursor": cursor}
-        pattern = self.query("filter")
-        if pattern is not None:
-            params["filter"] = pattern
+        for name in ("filter", "at"):
+            value = self.query(name)
+            if value is not None:
+                params[name] = value
         return "/keys?" + urlencode(params, quote_via=quote)
 
     def _key_filter(self) -> KeyFilter | None:
@@ -242,10 +363,11 @@ class KeysHandler(KeysBodyHandler):
 class KeyHandler(KeysBodyHandler):
     endpoint = "/keys/{id}"
 
-    def _read(self, key: str) -> bytes:
+    async def _read(self, key: str) -> bytes:
         self.require_ready()
         check_key(key)
-        entry = self.store.get(key)
+        past = await self.past_state()
+        entry = self.store.get(key) if past is None else past.entries.get(key)
         if entry is None:
             raise NotFound(f"key {key!r} not found")
         visible = list(self.visible([(key, entry)]))
@@ -259,15 +381,15 @@ class KeyHandler(KeysBodyHandler):
             return b""
         return value
 
-    def get(self, key: str) -> None:
-        value = self._read(key)
+    async def get(self, key: str) -> None:
+        value = await self._read(key)
         if self.get_status() == 304:
             self.finish()
             return
         self.send_json(key_body(key, value))
 
-    def head(self, key: str) -> None:
-        value = self._read(key)
+    async def head(self, key: str) -> None:
+        value = await self._read(key)
         self.set_header("Content-Type", JSON_TYPE)
         if self.get_status() != 304:
             # The length GET would send: {"<key>":<value>}

@@ -78,14 +78,18 @@ def format_ts(epoch: float) -> str:
     """ISO 8601 UTC with microseconds and a ``Z``: ``2026-11-27T18:38:34.123456Z``.
 
     Every record needs one; the part up to the second is formatted once a
-    second, not once a record.
+    second, not once a record. Thread-safe: snapshots and history reads call
+    it off the loop, so the cache is read once into a local (another thread
+    may replace it between a check and a second read).
     """
     global _second_cache
     micros = round(epoch * 1_000_000)
     second, fraction = divmod(micros, 1_000_000)
-    if _second_cache[0] != second:
-        _second_cache = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_second_cache[1]}.{fraction:06d}Z"
+    cached = _second_cache
+    if cached[0] != second:
+        cached = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        _second_cache = cached
+    return f"{cached[1]}.{fraction:06d}Z"
 
 
 def parse_ts(text: str) -> float:
