@@ -171,6 +171,9 @@ def fork_snapshot_writer(directory: Path, header: SnapshotHeader, store) -> int:
         return pid
     code = 1
     try:
+        # Inherited descriptors are the server's: the LOCK above all, which a
+        # child outliving a killed server would otherwise hold a moment longer.
+        os.closerange(3, _max_fd())
         gc.disable()
         _die_with(parent)
         faults.crash_with(parent)
@@ -204,6 +207,13 @@ def _die_with(parent: int) -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        return 65536
 
 
 def compact_stopped(journal: FileJournal, store) -> CompactionReport:  # noqa: ANN001
