@@ -1,7 +1,7 @@
-"""The ``kvd`` command line: ``serve``, ``plugins``, ``token`` and ``journal``.
+"""The ``kvd`` command line: ``serve``, ``plugins``, ``token``, ``journal`` and ``torture``.
 
 This module only parses arguments and loads settings; ``kvd.audit`` does the
-``journal`` actions. Usage errors and bad settings exit 2 with a message
+``journal`` actions and ``kvd.torture`` the crash test. Usage errors and bad settings exit 2 with a message
 naming the problem.
 """
 
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated scopes: read, write, admin (admin implies all)",
     )
     _add_journal_commands(commands)
+    from kvd import torture
+
+    torture.build_parser(commands)
     return parser
 
 
@@ -219,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kvd import audit
 
             return audit.run(config, args)
+        if args.command == "torture":
+            from kvd import torture
+
+            return torture.main(args)
         return _list_plugins(config)
     except ConfigError as exc:
         print(f"kvd: error: {exc}", file=sys.stderr)
