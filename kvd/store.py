@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from sortedcontainers import SortedList
 
 from kvd.errors import NotFound, Unavailable
-from kvd.log.format import OP_CLEAR, OP_DELETE, OP_EXPIRE, OP_PUT, Record
+from kvd.log.format import OP_CLEAR, OP_DELETE, OP_EXPIRE, OP_PUT, Record, format_ts, parse_ts
 from kvd.log.journal import Journal, JournalUnavailable
 from kvd.model import Change, Entry, KeyFilter
 
@@ -170,13 +170,13 @@ class Store:
         """
         now = self.clock()
         heap = self._expiry_heap
-        found: list[str] = []
+        found: dict[str, None] = {}  # a key rewritten with the same expiry has two heap items
         while heap and heap[0][0] <= now and len(found) < limit:
             expires_at, key = heapq.heappop(heap)
             entry = self.current_raw(key)
             if entry is not None and entry.expires_at == expires_at:
-                found.append(key)
-        return found
+                found[key] = None
+        return list(found)
 
     def return_expired(self, keys: list[str]) -> None:
         """Put back keys from ``take_expired`` whose removal was not journaled."""
@@ -201,6 +201,10 @@ class Store:
     async def _submit(self, change: Change) -> Record:
         if self.journal is None or not self.ready:
             raise Unavailable("the store is starting", headers={"Retry-After": "1"})
+        if change.expires:
+            # The journal keeps expiry times to the microsecond: keep exactly
+            # that here too, or a restart could move an expiry by a fraction.
+            change.expires = {key: parse_ts(format_ts(at)) for key, at in change.expires.items()}
         try:
             future = self.journal.append(change)
         except JournalUnavailable as exc:
