@@ -211,6 +211,36 @@ async def test_failed_fsync_refuses_writes_until_restart_but_serves_reads(
 
 
 @pytest.mark.gen_test
+async def test_a_full_disk_fails_writes_with_503_and_they_resume_when_space_returns(
+        harness, monkeypatch, http_client, base_url):
+    """ENOSPC part-way through a write: 503, no trace in memory or on disk, not ready-blocking."""
+    await harness.store.write(Change(op="put", set={"keep": b"1"}))
+    size_before = os.path.getsize(harness.journal._active_path)
+    real_write = file_journal.os.write
+
+    def disk_full(fd: int, data) -> int:  # noqa: ANN001
+        real_write(fd, bytes(data[: len(data) // 2]))  # a partial write, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(file_journal.os, "write", disk_full)
+    for body in (b'{"a":1}', b'{"b":2}'):
+        put = await http_client.fetch(base_url + "/keys", method="PUT", body=body,
+                                      headers={"Content-Type": "application/json"}, raise_error=False)
+        assert put.code == 503 and put.headers["Retry-After"] == "1"
+        assert "No space left" in json.loads(put.body)["error"]["message"]
+    assert os.path.getsize(harness.journal._active_path) == size_before  # cut back
+    assert harness.journal.writable  # a failed write is not a failed fsync
+    assert (await http_client.fetch(base_url + "/keys", raise_error=False)).body == b'{"keep":1}'
+    assert (await http_client.fetch(base_url + "/readyz", raise_error=False)).code == 200
+
+    monkeypatch.undo()  # space returns
+    record = await harness.store.write(Change(op="put", set={"c": b"3"}))
+    assert record.seq == 2  # the failed writes consumed no sequence number
+    seqs, reader = read_all(harness.data_dir)
+    assert seqs == [1, 2] and reader.torn_tail is None
+
+
+@pytest.mark.gen_test
 async def test_segments_roll_over_and_replay_across_them(tmp_path):
     from conftest import build_harness
 
