@@ -544,9 +544,10 @@ def _documented_statuses(method: str, path: str) -> set[int] | None:
     """The statuses the document gives the operation tornado routes this request to; None: no route.
 
     An undeclared method on a documented path is a 405 (the document's
-    ``MethodNotAllowed`` response); on ``/keys`` paths a body over the limit is
-    a 413 first, and on ``/keys/{id}`` a key that is not UTF-8 a 400 (both are
-    checked before the method is dispatched).
+    ``MethodNotAllowed`` response); on every path a body over the limit is a
+    413 first (answered from Content-Length before routing), and on
+    ``/keys/{id}`` a key that is not UTF-8 a 400 (both come before the method
+    is dispatched).
     """
     if path == "/keys":
         template = "/keys"
@@ -558,7 +559,7 @@ def _documented_statuses(method: str, path: str) -> set[int] | None:
         return None
     operation = DOCUMENT["paths"][template].get(method.lower()) if method.isupper() else None
     if operation is None:
-        return {"/keys/{id}": {400, 405, 413}, "/keys": {405, 413}}.get(template, {405})
+        return {"/keys/{id}": {400, 405, 413}}.get(template, {405, 413})
     return {int(status) for status in operation["responses"]}
 
 
