@@ -53,12 +53,15 @@ class Store:
     def attach(self, journal: Journal) -> None:
         self.journal = journal
 
-    def restore(self, key: str, entry: Entry) -> None:
-        """Load one entry of a snapshot (start-up only, before any record is applied)."""
-        self._entries[key] = entry
-        self.live_bytes += len(key.encode()) + len(entry.value)
-        if entry.expires_at is not None:
-            self._expiring += 1
+    def restore(self, batch: list[tuple[str, Entry]]) -> None:
+        """Load entries of a snapshot (start-up only, before any record is applied)."""
+        entries = self._entries
+        entries.update(batch)
+        self.live_bytes += sum(
+            (len(key) if key.isascii() else len(key.encode())) + len(entry.value)
+            for key, entry in batch
+        )
+        self._expiring += sum(1 for _, entry in batch if entry.expires_at is not None)
 
     def committed_entries(self) -> dict[str, Entry]:
         """The committed view itself (read-only for callers)."""

@@ -38,7 +38,7 @@ from kvd.log.snapshot import (
     TEMP_SUFFIX,
     SnapshotHeader,
     fsync_directory,
-    read_snapshot,
+    read_snapshot_batches,
     snapshot_seq,
     write_snapshot,
 )
@@ -67,7 +67,7 @@ class FileJournal(Journal):
         segment_bytes: int = 64 * 1024 * 1024,
         archive: bool = False,
         on_commit: Callable[[Record], None],
-        on_restore: Callable[[str, Entry], None] = lambda key, entry: None,
+        on_restore: Callable[[list[tuple[str, Entry]]], None] = lambda batch: None,
         on_abort: Callable[[], None] = lambda: None,
         on_synced: Callable[[float, int, int], None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -118,9 +118,9 @@ class FileJournal(Journal):
         start_seq, start_hash = 1, GENESIS_HASH
         base = layout.base_snapshot
         if base is not None:
-            header, entries = read_snapshot(base)
-            for key, entry in entries:
-                self.on_restore(key, entry)
+            header, batches = read_snapshot_batches(base)
+            for batch in batches:
+                self.on_restore(batch)
             start_seq, start_hash = header.seq + 1, header.head
             self._snapshot_seq = header.seq
             self._durable_ts = header.ts

@@ -94,6 +94,25 @@ def decode_entry(line: bytes) -> tuple[str, Entry]:
     return meta["k"], Entry(value[:-1], int(meta["r"]), parse_ts(expiry) if expiry else None)
 
 
+def _decode_entries(lines: list[bytes]) -> list[tuple[str, Entry]]:
+    """Many entry lines at once: their key/revision/expiry parts parsed by one orjson call.
+
+    Falls back to ``decode_entry`` line by line (for its precise error) when
+    a line does not split as an entry line must.
+    """
+    parts = [line.partition(_VALUE_SEPARATOR) for line in lines]
+    try:
+        metas = orjson.loads(b"[" + b"},".join([part[0] for part in parts]) + b"}]")
+        if len(metas) != len(parts) or not all(part[2].endswith(b"}") for part in parts):
+            raise ValueError("not entry lines")
+        return [
+            (meta["k"], Entry(part[2][:-1], meta["r"], parse_ts(meta["x"]) if "x" in meta else None))
+            for meta, part in zip(metas, parts, strict=True)
+        ]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return [decode_entry(line) for line in lines]
+
+
 def write_snapshot(
     directory: Path, header: SnapshotHeader, entries: Iterable[tuple[str, Entry]]
 ) -> Path:
@@ -172,6 +191,16 @@ def read_snapshot(path: Path) -> tuple[SnapshotHeader, Iterator[tuple[str, Entry
     The digest can only be checked at the end, so a caller must treat what it
     got as void when the iterator raises.
     """
+    header, batches = read_snapshot_batches(path)
+    return header, (item for batch in batches for item in batch)
+
+
+def read_snapshot_batches(path: Path) -> tuple[SnapshotHeader, Iterator[list[tuple[str, Entry]]]]:
+    """Like ``read_snapshot``, a list of entries per chunk read: start-up loads millions.
+
+    Read in large chunks and hash each chunk once: per-line reads, digest
+    updates and per-entry calls cost more than decoding the entries.
+    """
     file = open(path, "rb")  # noqa: SIM115 - closed by the iterator
     first = file.readline()
     try:
@@ -180,9 +209,7 @@ def read_snapshot(path: Path) -> tuple[SnapshotHeader, Iterator[tuple[str, Entry
         file.close()
         raise
 
-    def entries() -> Iterator[tuple[str, Entry]]:
-        # Read in large chunks and hash each chunk once: per-line reads and
-        # digest updates cost more than decoding the entries themselves.
+    def batches() -> Iterator[list[tuple[str, Entry]]]:
         digest = hashlib.sha256(first)
         count = 0
         rest = b""
@@ -197,12 +224,13 @@ def read_snapshot(path: Path) -> tuple[SnapshotHeader, Iterator[tuple[str, Entry
                 trailer_at = _trailer_offset(block)
                 entries_part = block[:trailer_at]
                 digest.update(entries_part)
-                for line in entries_part.split(b"\n")[:-1]:
-                    try:
-                        yield decode_entry(line)
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                        raise SnapshotCorrupt(path, f"bad entry {count + 1}: {exc}") from None
-                    count += 1
+                lines = entries_part.split(b"\n")[:-1]
+                try:
+                    batch = _decode_entries(lines)
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    raise SnapshotCorrupt(path, f"bad entry after entry {count}: {exc}") from None
+                count += len(batch)
+                yield batch
                 if trailer_at < len(block):
                     trailer = block[trailer_at:]
                     if trailer.count(b"\n") != 1 or rest or file.read(1):
@@ -211,7 +239,7 @@ def read_snapshot(path: Path) -> tuple[SnapshotHeader, Iterator[tuple[str, Entry
                     return
         raise SnapshotCorrupt(path, "no trailer (file cut short)")
 
-    return header, entries()
+    return header, batches()
 
 
 def _trailer_offset(block: bytes) -> int:
