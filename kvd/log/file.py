@@ -33,7 +33,7 @@ from kvd.log import faults
 from kvd.log.format import GENESIS_HASH, Record, encode_record, format_ts, segment_name
 from kvd.log.history import ARCHIVE_DIR, History, Layout
 from kvd.log.journal import Journal, JournalStats, JournalUnavailable
-from kvd.log.reader import JournalReader, segment_first_seq
+from kvd.log.reader import JournalReader, segment_first_seq, segments_from
 from kvd.log.snapshot import (
     TEMP_SUFFIX,
     SnapshotHeader,
@@ -124,7 +124,7 @@ class FileJournal(Journal):
             start_seq, start_hash = header.seq + 1, header.head
             self._snapshot_seq = header.seq
             self._durable_ts = header.ts
-        segments = [path for path in layout.segments if _may_hold_from(layout.segments, path, start_seq)]
+        segments = segments_from(layout.segments, start_seq)
         reader = JournalReader(segments=segments, start_seq=start_seq, start_hash=start_hash)
         total = sum(path.stat().st_size for path in segments)
         next_report = PROGRESS_EVERY_BYTES
@@ -204,7 +204,7 @@ class FileJournal(Journal):
         record = Record(
             seq=seq, ts=ts, op=change.op, set=change.set, expires=change.expires,
             keys=change.keys, actor=change.actor, prev=self._head_hash, hash=digest,
-            size=len(line), client=change.client, line=line,
+            client=change.client, line=line,
         )
         self._next_seq = seq + 1
         self._head_hash = digest
@@ -519,8 +519,3 @@ def _remove_temp_files(directory: Path) -> None:
         if name.endswith(TEMP_SUFFIX):
             os.unlink(directory / name)
 
-
-def _may_hold_from(segments: list[Path], path: Path, seq: int) -> bool:
-    """Whether ``path`` may hold records at or after ``seq`` (the next segment starts later)."""
-    index = segments.index(path)
-    return index + 1 == len(segments) or segment_first_seq(segments[index + 1]) > seq
