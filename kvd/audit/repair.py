@@ -20,7 +20,7 @@ from kvd.audit.verify import verification_report, verify_directory
 from kvd.config import Config
 from kvd.log.format import GENESIS_HASH, format_ts
 from kvd.log.history import ARCHIVE_DIR, QUARANTINE_DIR, Layout
-from kvd.log.reader import JournalCorrupt, JournalReader, segment_first_seq
+from kvd.log.reader import JournalCorrupt, JournalReader, segment_first_seq, segments_from
 from kvd.log.snapshot import (
     SnapshotCorrupt,
     SnapshotHeader,
@@ -118,7 +118,7 @@ def plan_repair(directory: Path) -> RepairPlan:
     # The segments start-up will read once the restored files are back.
     restored_segments = [path for path in plan.restore if not is_snapshot_name(path.name)]
     after_restore = sorted(live + restored_segments, key=segment_first_seq)
-    segments = _segments_from(after_restore, chosen.seq + 1)
+    segments = segments_from(after_restore, chosen.seq + 1)
     reader = JournalReader(segments=segments, start_seq=chosen.seq + 1, start_hash=chosen.head)
     try:
         for _ in reader.records():
@@ -155,7 +155,7 @@ def _fallback(
     if segments and segment_first_seq(segments[0]) == 1:
         candidates.append(_Base(0, GENESIS_HASH, None))
     for candidate in candidates:
-        needed = _segments_from(segments, candidate.seq + 1)
+        needed = segments_from(segments, candidate.seq + 1)
         reader = JournalReader(segments=needed, start_seq=candidate.seq + 1, start_hash=candidate.head)
         try:
             for _ in reader.records():
@@ -170,14 +170,6 @@ def _fallback(
             restore.append(candidate.snapshot)
         return candidate, restore
     return None
-
-
-def _segments_from(segments: list[Path], seq: int) -> list[Path]:
-    """The segments that may hold records at or after ``seq``."""
-    return [
-        path for index, path in enumerate(segments)
-        if index + 1 == len(segments) or segment_first_seq(segments[index + 1]) > seq
-    ]
 
 
 def _cut(path: Path, offset: int, first_seq: int | None, reason: str) -> Cut:

@@ -36,7 +36,6 @@ from typing import Any
 from kvd.log import faults
 from kvd.log.file import FileJournal
 from kvd.log.snapshot import SnapshotHeader, snapshot_name, write_snapshot
-from kvd.model import Entry
 
 log = logging.getLogger("kvd.journal")
 
@@ -65,9 +64,9 @@ class CompactionReport:
     seconds: float
 
 
-def live_estimate(entries: dict[str, Entry], live_bytes: int) -> int:
+def live_estimate(keys: int, live_bytes: int) -> int:
     """What a snapshot of the live state takes, roughly: keys, values and per-line framing."""
-    return live_bytes + ENTRY_OVERHEAD_BYTES * len(entries)
+    return live_bytes + ENTRY_OVERHEAD_BYTES * keys
 
 
 class Compactor:
@@ -82,7 +81,7 @@ class Compactor:
         """Write snapshots from a forked child (else from a thread of this process)."""
 
     def due(self) -> bool:
-        estimate = live_estimate(self.store.committed_entries(), self.store.live_bytes)
+        estimate = live_estimate(len(self.store), self.store.live_bytes)
         return self.policy.due(self.journal.stats.bytes, estimate)
 
     async def maybe_compact(self) -> CompactionReport | None:
@@ -221,16 +220,15 @@ def compact_stopped(journal: FileJournal, store) -> CompactionReport:  # noqa: A
     started = time.monotonic()
     bytes_before = journal.stats.bytes
     seq, head, ts = journal.last_seq, journal.head_hash, journal.last_ts
-    keys, entries = store.snapshot_view()
-    header = SnapshotHeader(seq, ts, head, len(keys))
+    header = SnapshotHeader(seq, ts, head, len(store))
     if seq == 0 or seq == journal.snapshot_seq:
-        return CompactionReport(seq, len(keys), 0, bytes_before, bytes_before, 0.0)
+        return CompactionReport(seq, header.keys, 0, bytes_before, bytes_before, 0.0)
     journal.roll_now(seq + 1)
-    write_snapshot(journal.directory, header, ((key, entries[key]) for key in keys))
+    write_snapshot(journal.directory, header, store.ordered_items())  # nothing else runs: no copy
     retired, removed = journal.retire_now(seq)
     bytes_after = bytes_before - removed + _size(journal.directory, seq)
     return CompactionReport(
-        seq, len(keys), retired, bytes_before, bytes_after, time.monotonic() - started
+        seq, header.keys, retired, bytes_before, bytes_after, time.monotonic() - started
     )
 
 

@@ -19,12 +19,18 @@ progress) ends the history instead of counting as damage.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvd.log.format import GENESIS_HASH, OP_CLEAR, OP_PUT, Record, format_ts
-from kvd.log.reader import JournalCorrupt, JournalReader, list_segments, segment_first_seq
+from kvd.log.reader import (
+    JournalCorrupt,
+    JournalReader,
+    list_segments,
+    segment_first_seq,
+    segments_from,
+)
 from kvd.log.snapshot import (
     SnapshotHeader,
     list_snapshots,
@@ -120,10 +126,7 @@ class History:
         last_hash: str | None = None  # of record ``last`` once one was read: links a re-listing
         while True:
             layout = self.layout()
-            segments = [
-                path for index, path in enumerate(layout.all_segments)
-                if _may_hold_after(layout.all_segments, index, last)
-            ]
+            segments = segments_from(layout.all_segments, last + 1)
             if not segments:
                 if last + 1 < self.first_record_seq() and not _ends_at(layout, last):
                     raise HistoryGone(f"records after seq {last} are no longer retained")
@@ -143,12 +146,6 @@ class History:
                 torn = reader.torn_tail
                 raise JournalCorrupt(torn.path, torn.offset, last + 1, "torn last record")
             return
-
-    def last_seq(self) -> int:
-        last = 0
-        for record in self.records(self.oldest_point()):
-            last = record.seq
-        return last
 
     def state_at(self, seq: int) -> tuple[dict[str, Entry], str | None]:
         """The store's entries after record ``seq`` and that record's time.
@@ -216,18 +213,6 @@ def apply_record(entries: dict[str, Entry], record: Record) -> None:
 def live_at(entries: dict[str, Entry], moment: float) -> dict[str, Entry]:
     """The entries that had not expired at ``moment``."""
     return {key: entry for key, entry in entries.items() if not entry.expired(moment)}
-
-
-def iter_matching(records: Iterator[Record], match: Callable[[str], bool]) -> Iterator[Record]:
-    """Records that change a key ``match`` accepts (a clear changes every key)."""
-    return (record for record in records if record.touches(match))
-
-
-def _may_hold_after(segments: list[Path], index: int, seq: int) -> bool:
-    """Whether segment ``index`` may hold a record with seq > ``seq``."""
-    if index + 1 < len(segments):
-        return segment_first_seq(segments[index + 1]) - 1 > seq
-    return True
 
 
 def _anchor(layout: Layout, seq: int) -> str | None:

@@ -53,6 +53,15 @@ def segment_first_seq(path: Path) -> int:
     return int(path.name[: -len(SEGMENT_SUFFIX)])
 
 
+def segments_from(segments: list[Path], seq: int) -> list[Path]:
+    """The segments (in order) that may hold records at or after ``seq``: a segment
+    ends where the next one's first seq begins, and the last one is open-ended."""
+    return [
+        path for index, path in enumerate(segments)
+        if index + 1 == len(segments) or segment_first_seq(segments[index + 1]) > seq
+    ]
+
+
 class JournalReader:
     """Iterate the records of segment files, oldest first, checking every link.
 
