@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class ServerConfig:
 class NatsConfig:
     servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     stream: str = "KVD"
+    replicas: int = 1  # the stream's replica count when kvd creates it (1, 3 or 5)
+    publish_timeout: float = 5.0  # seconds a write waits for NATS before answering 503
 
 
 @dataclass(frozen=True)
@@ -158,10 +161,15 @@ def _check_values(server: ServerConfig, journal: JournalConfig, plugins: Plugins
         )
     if journal.backend not in BACKENDS:
         raise ConfigError(f"journal.backend must be one of {', '.join(BACKENDS)}")
-    if journal.backend != "file":
-        raise ConfigError(
-            f"journal.backend = {journal.backend!r} is not available in this release; use 'file'"
-        )
+    nats = journal.nats
+    if not nats.servers or not all(isinstance(url, str) and url for url in nats.servers):
+        raise ConfigError("journal.nats.servers must list at least one nats:// URL")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", nats.stream):
+        raise ConfigError("journal.nats.stream must be 1-32 letters, digits, '-' or '_'")
+    if nats.replicas not in (1, 3, 5):
+        raise ConfigError("journal.nats.replicas must be 1, 3 or 5")
+    if nats.publish_timeout <= 0:
+        raise ConfigError("journal.nats.publish_timeout must be positive")
     if journal.segment_bytes < 4096:
         raise ConfigError("journal.segment_bytes must be at least 4096")
     if journal.compact_dead_ratio < 0 or journal.compact_min_dead_bytes < 0:

@@ -24,6 +24,7 @@ from kvd.config import Config
 from kvd.handlers import make_app
 from kvd.log.compaction import CompactionPolicy, Compactor
 from kvd.log.file import FileJournal
+from kvd.log.journal import StartupRefused
 from kvd.log.lock import DataDirLock, DataDirLocked
 from kvd.log.reader import JournalCorrupt
 from kvd.log.snapshot import SnapshotCorrupt
@@ -67,16 +68,33 @@ def build_context(config: Config, plugins: pluggy.PluginManager | None = None) -
             log.exception("journal_synced hook failed")
             ctx.report_error("hook_journal_synced", exc)
 
-    journal = FileJournal(
-        config.data_dir,
-        fsync=config.journal.fsync,
-        segment_bytes=config.journal.segment_bytes,
-        archive=config.journal.archive,
-        on_commit=store.apply,
-        on_restore=store.restore,
-        on_abort=store.abort_pending,
-        on_synced=observe_sync,
-    )
+    journal: FileJournal
+    if config.journal.backend == "nats":
+        from kvd.log.nats import NatsJournal  # nats-py is only needed for this backend
+
+        journal = NatsJournal(
+            config.data_dir,
+            settings=config.journal.nats,
+            fsync_policy=config.journal.fsync,
+            segment_bytes=config.journal.segment_bytes,
+            archive=config.journal.archive,
+            on_commit=store.apply,
+            on_restore=store.restore,
+            on_abort=store.abort_pending,
+            on_note=store.note_record,
+            on_reset=store.reset,
+        )
+    else:
+        journal = FileJournal(
+            config.data_dir,
+            fsync=config.journal.fsync,
+            segment_bytes=config.journal.segment_bytes,
+            archive=config.journal.archive,
+            on_commit=store.apply,
+            on_restore=store.restore,
+            on_abort=store.abort_pending,
+            on_synced=observe_sync,
+        )
     store.attach(journal)
     ctx.journal = journal
     ctx.compactor = Compactor(
@@ -139,8 +157,19 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     # cyclic collector would only rescan them, again and again (about half of
     # the load time). Afterwards they are frozen out of its sight for good.
     gc.disable()
+    opening = asyncio.ensure_future(journal.open(_log_progress))
+    stop_waiter = asyncio.ensure_future(stopping.wait())
     try:
-        await loop.run_in_executor(None, journal.replay, _log_progress)
+        await asyncio.wait({opening, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not opening.done() and not journal.cancellable_open:
+            await opening  # a replay thread cannot be stopped halfway: let it finish
+        if not opening.done():  # stopped while still reaching NATS
+            opening.cancel()
+            log.info("stopped before the journal was open")
+            server.stop()
+            await journal.close()
+            return EXIT_OK
+        opening.result()
     except (JournalCorrupt, SnapshotCorrupt) as exc:
         log.error(
             "%s; start-up stopped so nothing is lost. See docs/journal-format.md, "
@@ -149,7 +178,13 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         server.stop()
         journal.close_sync()
         return EXIT_FAILURE
+    except StartupRefused as exc:
+        log.error("%s; start-up stopped (see docs/nats.md)", exc)
+        server.stop()
+        await journal.close()
+        return EXIT_FAILURE
     finally:
+        stop_waiter.cancel()
         gc.freeze()
         gc.enable()
     mark_ready(ctx)

@@ -26,7 +26,7 @@ from sortedcontainers import SortedList
 
 from kvd.errors import NotFound, Unavailable
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_EXPIRE, OP_PUT, Record, format_ts, parse_ts
-from kvd.log.journal import Journal, JournalUnavailable
+from kvd.log.journal import Journal, JournalUnavailable, Superseded
 from kvd.model import Change, Entry, KeyFilter
 
 _CLEARED = object()  # a pending clear: keys not written since read as absent
@@ -150,7 +150,7 @@ class Store:
             return None
         return entry
 
-    async def write(self, change: Change) -> Record:
+    async def write(self, change: Change | Callable[[], Change]) -> Record:
         """Journal a change and wait until it is durable and applied.
 
         Raises NotFound for a delete of an absent key, Unavailable when the
@@ -160,10 +160,22 @@ class Store:
         to the event loop, so a caller that checks ``current()`` and then
         awaits this (with no await in between) performs an atomic
         compare-and-set against every other write.
+
+        A write whose checks read the state (preconditions, merges) passes a
+        function that checks and builds the change: when a journal shared by
+        several nodes reports the record ``Superseded`` by another node's,
+        the function runs again on the newer state, so the outcome is as if
+        this write had come after the other.
         """
-        if change.op == OP_DELETE and any(self.current(key) is None for key in change.keys):
-            raise NotFound(f"key {change.keys[0]!r} not found")
-        return await self._submit(change)
+        prepare = change if callable(change) else (lambda: change)
+        while True:
+            built = prepare()
+            if built.op == OP_DELETE and any(self.current(key) is None for key in built.keys):
+                raise NotFound(f"key {built.keys[0]!r} not found")
+            try:
+                return await self._submit(built)
+            except Superseded:
+                continue
 
     def take_expired(self, limit: int) -> list[str]:
         """Up to ``limit`` keys whose expiry has passed, as writers see them.
@@ -224,8 +236,18 @@ class Store:
 
     def _unavailable(self, exc: JournalUnavailable) -> Unavailable:
         """503; ``Retry-After`` only when a retry can succeed without a restart."""
-        retry = self.journal is not None and self.journal.writable
+        retry = self.journal is not None and self.journal.retry_can_succeed
         return Unavailable(str(exc), headers={"Retry-After": "1"} if retry else None)
+
+    def note_record(self, record: Record) -> None:
+        """Another node's record is on its way to ``apply``: writers see it from now on."""
+        ordinal = next(self._ordinals)
+        if record.op == OP_PUT:
+            for key, value in record.set.items():
+                self._pending[key] = (ordinal, Entry(value, record.seq, record.expires.get(key)))
+            self._pending_order.append(ordinal)
+        else:
+            self._note_pending(Change(op=record.op, keys=record.keys), ordinal)
 
     def _note_pending(self, change: Change, ordinal: int) -> None:
         if change.op == OP_CLEAR:
@@ -279,16 +301,15 @@ class Store:
             self._expiry_heap.clear()
         if len(self._expiry_heap) > 2 * self._expiring + 1024:
             self._rebuild_expiry_heap()
-        if self.ready:
+        if self._pending_order:
             self._settle_pending(record)
+        if self.ready:
             for observe in self.observers:
                 observe(record)
 
     def _settle_pending(self, record: Record) -> None:
         """Drop pending entries whose newest queued write is this record."""
-        ordinal = self._pending_order.popleft() if self._pending_order else None
-        if ordinal is None:
-            return
+        ordinal = self._pending_order.popleft()
         if record.op == OP_CLEAR:
             if self._pending_clear == ordinal:
                 self._pending_clear = None
@@ -306,6 +327,15 @@ class Store:
             if entry.expires_at is not None
         ]
         heapq.heapify(self._expiry_heap)
+
+    def reset(self) -> None:
+        """Forget everything loaded (start-up only: a replicated journal replaces a stale local copy)."""
+        assert not self.ready and not self._pending
+        self._entries = {}
+        self._index = SortedList()
+        self._expiry_heap = []
+        self._expiring = 0
+        self.live_bytes = 0
 
     def abort_pending(self) -> None:
         """Every queued write failed: forget them all."""

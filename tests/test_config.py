@@ -140,9 +140,18 @@ def test_unknown_environment_section_is_an_error_but_test_names_are_left_alone()
     load_config(None, environ={"KVD_TEST_EXAMPLES": "5"})
 
 
-def test_backends_not_in_this_release_are_refused():
-    with pytest.raises(ConfigError, match="journal.backend"):
-        load_config(None, environ={"KVD_JOURNAL_BACKEND": "nats"})
+def test_nats_backend_settings_are_checked():
+    config = load_config(None, environ={
+        "KVD_JOURNAL_BACKEND": "nats", "KVD_JOURNAL_NATS_REPLICAS": "3",
+        "KVD_JOURNAL_NATS_STREAM": "orders-1",
+    })
+    assert (config.journal.backend, config.journal.nats.replicas) == ("nats", 3)
+    for variable, value in (
+        ("KVD_JOURNAL_NATS_REPLICAS", "2"), ("KVD_JOURNAL_NATS_STREAM", "a.b"),
+        ("KVD_JOURNAL_NATS_PUBLISH_TIMEOUT", "0"),
+    ):
+        with pytest.raises(ConfigError, match=variable.removeprefix("KVD_").lower().replace("_nats_", ".nats.")):
+            load_config(None, environ={"KVD_JOURNAL_BACKEND": "nats", variable: value})
 
 
 def test_cli_port_in_use_exits_1_with_a_message(tmp_path):

@@ -160,10 +160,16 @@ class FastKeyWrite(FastKeyRead):
 
     async def _commit(self, key: str, value: bytes) -> None:
         try:
-            # No await between the check and the append: 201 vs 200 is exact.
-            created = self.ctx.store.current(key) is None
+            created = False
+
+            def prepare() -> Change:
+                # No await between the check and the append: 201 vs 200 is exact.
+                nonlocal created
+                created = self.ctx.store.current(key) is None
+                return Change(op=OP_PUT, set={key: value})
+
             try:
-                record = await self.ctx.store.write(Change(op=OP_PUT, set={key: value}))
+                record = await self.ctx.store.write(prepare)
             except KvdError as exc:
                 headers = {"Content-Type": JSON_TYPE, **exc.headers}
                 self._answer(exc.status, error_body(exc.code, exc.message), headers)

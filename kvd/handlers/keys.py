@@ -12,7 +12,7 @@ import asyncio
 import base64
 import bisect
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -26,6 +26,7 @@ from kvd.errors import (
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
+    Unavailable,
     UnsupportedMediaType,
     plugin_required,
 )
@@ -33,6 +34,7 @@ from kvd.handlers.base import JSON_TYPE, READ, WRITE, BaseHandler
 from kvd.handlers.feed import parse_seq, retained_history
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record, parse_ts
 from kvd.log.history import History, HistoryGone
+from kvd.log.journal import JournalUnavailable
 from kvd.model import Change, Entry, KeyFilter
 
 MAX_KEY_BYTES = 1024
@@ -205,6 +207,18 @@ class KeysBodyHandler(BaseHandler):
             if replaced is not HIDDEN:
                 yield key, entry.value if replaced is None else replaced
 
+    async def consistent(self) -> None:
+        """``?consistent=1``: apply everything the journal holds before reading (503 if unreachable)."""
+        raw = self.query("consistent")
+        if raw is None or raw == "0":
+            return
+        if raw != "1":
+            raise BadRequest("consistent must be 0 or 1")
+        try:
+            await self.ctx.journal.catch_up()
+        except JournalUnavailable as exc:
+            raise Unavailable(str(exc), headers={"Retry-After": "1"}) from None
+
     async def past_state(self) -> PastState | None:
         """The state ``?at=`` asks for (None without it): 400 past the head, 410 before the history."""
         raw = self.query("at")
@@ -229,14 +243,25 @@ class KeysBodyHandler(BaseHandler):
                 "(keep it with [journal] archive = true)"
             ) from None
 
-    async def commit(self, change: Change) -> Record:
-        """Validate through plugins, journal, and wait until durable and visible."""
-        change.actor = self.principal
-        if self.ctx.config.journal.record_client:
-            change.client = self.request.remote_ip
-        if self.ctx.writes_validated:
-            self.ctx.plugins.hook.validate_write(ctx=self.ctx, change=change)
-        return await self.store.write(change)
+    async def commit(self, change: Change | Callable[[], Change]) -> Record:
+        """Validate through plugins, journal, and wait until durable and visible.
+
+        A write that depends on the current state passes a function that
+        checks it and builds the change; it runs again if another node's
+        write came first (see ``Store.write``).
+        """
+        prepare = change if callable(change) else (lambda: change)
+
+        def checked() -> Change:
+            built = prepare()
+            built.actor = self.principal
+            if self.ctx.config.journal.record_client:
+                built.client = self.request.remote_ip
+            if self.ctx.writes_validated:
+                self.ctx.plugins.hook.validate_write(ctx=self.ctx, change=built)
+            return built
+
+        return await self.store.write(checked)
 
 
 class KeysHandler(KeysBodyHandler):
@@ -247,6 +272,7 @@ class KeysHandler(KeysBodyHandler):
         key_filter = self._key_filter()
         limit = self._limit()
         after = self._cursor()
+        await self.consistent()
         past = await self.past_state()
         items = None
         if past is not None:
@@ -366,6 +392,7 @@ class KeyHandler(KeysBodyHandler):
     async def _read(self, key: str) -> bytes:
         self.require_ready()
         check_key(key)
+        await self.consistent()
         past = await self.past_state()
         entry = self.store.get(key) if past is None else past.entries.get(key)
         if entry is None:
@@ -401,12 +428,19 @@ class KeyHandler(KeysBodyHandler):
         check_key(key)
         value = self.encode_value(key, self.json_body(depth=0))
         expires_at = self.expiry_for_write()
-        current = self.store.current(key)
-        self._check_preconditions(key, current, none_match_allowed=True)
         expires = {key: expires_at} if expires_at is not None else {}
-        record = await self.commit(Change(op=OP_PUT, set={key: value}, expires=expires))
+        created = False
+
+        def prepare() -> Change:
+            nonlocal created
+            current = self.store.current(key)
+            self._check_preconditions(key, current, none_match_allowed=True)
+            created = current is None
+            return Change(op=OP_PUT, set={key: value}, expires=dict(expires))
+
+        record = await self.commit(prepare)
         self.set_header("ETag", f'"{record.seq}"')
-        self.send_json(key_body(key, value), 201 if current is None else 200)
+        self.send_json(key_body(key, value), 201 if created else 200)
 
     async def patch(self, key: str) -> None:
         self.require_ready()
@@ -414,22 +448,32 @@ class KeyHandler(KeysBodyHandler):
         patch = self.json_body((MERGE_PATCH_TYPE, JSON_TYPE), depth=0)
         if self.query("expire_in") is not None:
             raise BadRequest("PATCH keeps the key's expiry; set a new one with PUT ?expire_in=")
-        current = self.store.current(key)
-        self._check_preconditions(key, current)
-        if current is None:
-            raise NotFound(f"key {key!r} not found")
-        merged = merge_patch(jsonio.loads(current.value, max_depth=None), patch)
-        value = self.encode_value(key, merged)
-        expires = {key: current.expires_at} if current.expires_at is not None else {}
-        record = await self.commit(Change(op=OP_PUT, set={key: value}, expires=expires))
+        value = b""
+
+        def prepare() -> Change:
+            nonlocal value
+            current = self.store.current(key)
+            self._check_preconditions(key, current)
+            if current is None:
+                raise NotFound(f"key {key!r} not found")
+            merged = merge_patch(jsonio.loads(current.value, max_depth=None), patch)
+            value = self.encode_value(key, merged)
+            expires = {key: current.expires_at} if current.expires_at is not None else {}
+            return Change(op=OP_PUT, set={key: value}, expires=expires)
+
+        record = await self.commit(prepare)
         self.set_header("ETag", f'"{record.seq}"')
         self.send_json(key_body(key, value))
 
     async def delete(self, key: str) -> None:
         self.require_ready()
         check_key(key)
-        self._check_preconditions(key, self.store.current(key))
-        await self.commit(Change(op=OP_DELETE, keys=(key,)))
+
+        def prepare() -> Change:
+            self._check_preconditions(key, self.store.current(key))
+            return Change(op=OP_DELETE, keys=(key,))
+
+        await self.commit(prepare)
         self.set_status(204)
         self.finish()
 

@@ -53,7 +53,27 @@ PROGRESS_EVERY_BYTES = 64 * 1024 * 1024
 class _Pending:
     line: bytes
     record: Record
-    future: asyncio.Future[Record]
+    future: asyncio.Future[Record] | None  # None: nobody waits (a record another node wrote)
+
+
+def build_record(change: Change, seq: int, prev: str, ts: str) -> Record:
+    """The record a change becomes at ``seq``, chained to ``prev``."""
+    line, digest = encode_record(
+        seq=seq,
+        ts=ts,
+        op=change.op,
+        prev=prev,
+        set_values=change.set if change.op == "put" else None,
+        expires=change.expires,
+        keys=change.keys if change.op in ("delete", "expire") else None,
+        actor=change.actor,
+        client=change.client,
+    )
+    return Record(
+        seq=seq, ts=ts, op=change.op, set=change.set, expires=change.expires,
+        keys=change.keys, actor=change.actor, prev=prev, hash=digest,
+        client=change.client, line=line,
+    )
 
 
 class FileJournal(Journal):
@@ -93,6 +113,7 @@ class FileJournal(Journal):
         self._next_seq = 1
         self._head_hash = GENESIS_HASH
         self._queue: list[_Pending] = []
+        self._writing: list[_Pending] = []  # the batch on the journal thread now
         self._flushing = False
         self._flush_done: asyncio.Event | None = None
         self._refusal: str | None = None  # why writes are refused until restart
@@ -187,38 +208,24 @@ class FileJournal(Journal):
             raise JournalUnavailable("journal is closed")
         if self._refusal is not None:
             raise JournalUnavailable(self._refusal)
-        loop = asyncio.get_running_loop()
-        seq = self._next_seq
-        ts = format_ts(self.clock())
-        line, digest = encode_record(
-            seq=seq,
-            ts=ts,
-            op=change.op,
-            prev=self._head_hash,
-            set_values=change.set if change.op == "put" else None,
-            expires=change.expires,
-            keys=change.keys if change.op in ("delete", "expire") else None,
-            actor=change.actor,
-            client=change.client,
-        )
-        record = Record(
-            seq=seq, ts=ts, op=change.op, set=change.set, expires=change.expires,
-            keys=change.keys, actor=change.actor, prev=self._head_hash, hash=digest,
-            client=change.client, line=line,
-        )
-        self._next_seq = seq + 1
-        self._head_hash = digest
-        future: asyncio.Future[Record] = loop.create_future()
-        self._queue.append(_Pending(line, record, future))
+        record = build_record(change, self._next_seq, self._head_hash, format_ts(self.clock()))
+        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self._enqueue(record, future)
+        return future
+
+    def _enqueue(self, record: Record, future: asyncio.Future[Record] | None) -> None:
+        """Queue a built record for the next write (with everything queued this loop pass)."""
+        self._next_seq = record.seq + 1
+        self._head_hash = record.hash
+        self._queue.append(_Pending(record.line, record, future))
         if not self._flushing:
             # Started on the next loop pass, so every append of this pass
             # joins the same write and fsync.
             self._flushing = True
             self._flush_done = asyncio.Event()
-            loop.call_soon(self._start_batch)
+            asyncio.get_running_loop().call_soon(self._start_batch)
         if self.fsync == "everysec" and self._sync_task is None:
-            self._sync_task = loop.create_task(self._sync_every_second())
-        return future
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_every_second())
 
     def _start_batch(self) -> None:
         """On the loop: hand everything queued to the journal thread as one write (+ fsync).
@@ -235,6 +242,7 @@ class FileJournal(Journal):
             self._flush_done.set()
             return
         batch, self._queue = self._queue, []
+        self._writing = batch
         data = b"".join(item.line for item in batch)
         loop = asyncio.get_running_loop()
         work = self._io.submit(self._write_batch, data, batch[0].record.seq)
@@ -244,6 +252,7 @@ class FileJournal(Journal):
 
     def _finish_batch(self, batch: list[_Pending], data: bytes, done: Future[float | None]) -> None:
         """On the loop: the batch is durable (or failed); answer its writers, start the next."""
+        self._writing = []
         error = done.exception()
         if error is not None:
             self._fail_pending(batch, error)
@@ -269,8 +278,9 @@ class FileJournal(Journal):
                 self._fail_pending(batch, exc)
             else:
                 for item in batch:
-                    if not item.future.done():
+                    if item.future is not None and not item.future.done():
                         item.future.set_result(item.record)
+                self._batch_committed(batch)
                 if self.on_synced is not None and seconds is not None:
                     self.on_synced(seconds, len(batch), len(data))
         self._start_batch()
@@ -286,8 +296,11 @@ class FileJournal(Journal):
         log.error("journal write of seq %d.. failed: %s", batch[0].record.seq, exc)
         self.on_abort()
         for item in failed:
-            if not item.future.done():
+            if item.future is not None and not item.future.done():
                 item.future.set_exception(JournalUnavailable(reason))
+
+    def _batch_committed(self, batch: list[_Pending]) -> None:
+        """After a batch is written and applied (a replicated journal tracks its position here)."""
 
     def _write_batch(self, data: bytes, first_seq: int) -> float | None:
         """Runs on the journal thread: write, and fsync under ``always``."""

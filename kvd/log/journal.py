@@ -21,6 +21,18 @@ class JournalUnavailable(Exception):
     """The journal cannot take writes now (disk error, failed fsync, closed)."""
 
 
+class StartupRefused(Exception):
+    """The journal cannot be opened as it stands; start-up stops so nothing is mixed or lost."""
+
+
+class Superseded(Exception):
+    """Another writer's record took this one's place; decide the write again on the newer state.
+
+    Only a journal shared by several nodes raises it (the NATS backend). Its
+    records are already in the writers' view when it is raised.
+    """
+
+
 @dataclass
 class JournalStats:
     """Numbers the metrics plugin reads at scrape time."""
@@ -45,6 +57,7 @@ class Journal(abc.ABC):
     """
 
     stats: JournalStats
+    cancellable_open = False  # whether ``open`` may be cancelled halfway (SIGTERM during start-up)
 
     def __init__(
         self, on_commit: Callable[[Record], None], on_abort: Callable[[], None]
@@ -81,6 +94,10 @@ class Journal(abc.ABC):
         ``kvd.log.reader.JournalCorrupt`` on damage before the end.
         """
 
+    async def open(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Start-up: ``replay`` off the loop (a replicated journal also catches up here)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.replay, progress)
+
     @abc.abstractmethod
     def append(self, change: Change) -> asyncio.Future[Record]:
         """Queue a change; the future resolves with its record once durable.
@@ -98,6 +115,15 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     def last_seq(self) -> int:
         """The seq of the last durable record (0 for an empty journal)."""
+
+    @property
+    def retry_can_succeed(self) -> bool:
+        """Whether a refused write may succeed later without a restart (503 with Retry-After)."""
+        return self.writable
+
+    async def catch_up(self) -> None:
+        """Apply every record the log holds now (``?consistent=1``); a single-node log always has."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -74,8 +74,23 @@ class ExpiryPlugin:
             if not keys:
                 return removed
             due = [store.current_raw(key).expires_at for key in keys]  # type: ignore[union-attr]
+
+            def prepare(keys: list[str] = keys) -> Change:
+                # Run again when another node's record came first (it may
+                # have removed some of these keys already).
+                now = store.clock()
+                left = tuple(
+                    key for key in keys
+                    if (entry := store.current_raw(key)) is not None and entry.expired(now)
+                )
+                if not left:
+                    raise _NothingLeft
+                return Change(op=OP_EXPIRE, keys=left)
+
             try:
-                await store.write(Change(op=OP_EXPIRE, keys=tuple(keys)))
+                await store.write(prepare)
+            except _NothingLeft:
+                continue
             except Unavailable:
                 store.return_expired(keys)
                 return removed
@@ -84,6 +99,10 @@ class ExpiryPlugin:
                 self.lag.observe(max(0.0, now - expires_at))  # type: ignore[operator]
             self.expired.inc(len(keys))
             removed += len(keys)
+
+
+class _NothingLeft(Exception):
+    """Every key of a sweep batch was removed by another node's record first."""
 
 
 def make_plugin(settings: dict[str, Any]) -> ExpiryPlugin:

@@ -1,0 +1,324 @@
+"""Several kvd nodes on one NATS JetStream stream: real nats-server and kvd processes.
+
+What a client of a cluster relies on: one order of writes across nodes,
+compare-and-set with exactly one winner, read-your-writes, no acknowledged
+write lost when a kvd node or a NATS server dies, 503 (not stale writes)
+while NATS is away, and new nodes starting from a snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from natsserver import NatsCluster, NatsServer, nats_cluster, nats_server  # noqa: F401
+
+pytestmark = pytest.mark.nats
+
+
+def nats_env(urls: list[str], **settings: Any) -> dict[str, str]:
+    env = {
+        "KVD_JOURNAL_BACKEND": "nats",
+        "KVD_JOURNAL_NATS_SERVERS": ",".join(urls),
+        "KVD_PLUGINS_ENABLED": "expiry,metrics,filter",
+    }
+    for name, value in settings.items():
+        env[f"KVD_{name.upper()}"] = str(value)
+    return env
+
+
+def start_nodes(kvd_process, tmp_path: Path, urls: list[str], count: int, **settings: Any) -> list[Any]:
+    return [
+        kvd_process(data_dir=tmp_path / f"node{i}", env=nats_env(urls, **settings))
+        for i in range(count)
+    ]
+
+
+def consistent_state(node) -> dict[str, Any]:
+    response = node.request("GET", "/keys?consistent=1")
+    assert response.status == 200, response.body
+    return response.json()
+
+
+def journal_lines(node) -> list[dict[str, Any]]:
+    node.request("GET", "/keys?consistent=1")
+    response = node.request("GET", "/journal")
+    assert response.status == 200
+    return [json.loads(line) for line in response.body.splitlines() if line]
+
+
+def etag(response) -> str:
+    return response.headers["ETag"]
+
+
+# --- one order, compare-and-set, read-your-writes ------------------------------
+
+
+def test_writes_on_either_node_form_one_chain_read_by_both(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2)
+    assert a.request("PUT", "/keys/x", 1).status == 201
+    # Read-your-writes: the node that answered has applied it.
+    assert a.get_key("x").json() == {"x": 1}
+    assert b.request("PUT", "/keys", {"y": 2, "z": 3}).status == 200
+    assert b.get_key("y").json() == {"y": 2}
+    assert a.request("DELETE", "/keys/x").status == 204
+    assert consistent_state(a) == consistent_state(b) == {"y": 2, "z": 3}
+    assert a.request("GET", "/keys/y?consistent=1").headers["ETag"] == b.get_key("y").headers["ETag"]
+    lines_a, lines_b = journal_lines(a), journal_lines(b)
+    assert lines_a == lines_b
+    assert [line["seq"] for line in lines_a] == [1, 2, 3]
+    assert [line["prev"] for line in lines_a[1:]] == [line["hash"] for line in lines_a[:-1]]
+
+
+def test_if_match_raced_on_two_nodes_has_exactly_one_winner(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2)
+    a.request("PUT", "/keys/k", 0)
+    for round_ in range(8):
+        tag = etag(a.request("GET", "/keys/k?consistent=1"))
+        assert etag(b.request("GET", "/keys/k?consistent=1")) == tag
+        barrier = threading.Barrier(16)
+
+        def attempt(i: int, tag: str = tag, round_: int = round_) -> int:
+            node = (a, b)[i % 2]
+            barrier.wait()
+            return node.request("PUT", "/keys/k", {"round": round_, "writer": i}, {"If-Match": tag}).status
+
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(attempt, range(16)))
+        assert sorted(statuses) == [200] + [412] * 15, statuses
+
+
+def test_compare_and_set_increments_from_both_nodes_lose_nothing(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2)
+    a.request("PUT", "/keys/counter", 0)
+    per_worker, workers = 15, 8
+
+    def increment(i: int) -> int:
+        node = (a, b)[i % 2]
+        done = conflicts = 0
+        while done < per_worker:
+            current = node.request("GET", "/keys/counter?consistent=1")
+            value = current.json()["counter"]
+            answer = node.request("PUT", "/keys/counter", value + 1, {"If-Match": etag(current)})
+            if answer.status == 200:
+                done += 1
+            else:
+                assert answer.status == 412, answer.body
+                conflicts += 1
+        return conflicts
+
+    with ThreadPoolExecutor(workers) as pool:
+        conflicts = sum(pool.map(increment, range(workers)))
+    assert consistent_state(a)["counter"] == consistent_state(b)["counter"] == per_worker * workers
+    assert conflicts > 0  # the race really happened
+
+
+def test_patches_racing_on_two_nodes_all_merge(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2)
+    a.request("PUT", "/keys/doc", {})
+    barrier = threading.Barrier(20)
+
+    def patch(i: int) -> int:
+        barrier.wait()
+        return (a, b)[i % 2].request(
+            "PATCH", "/keys/doc", {f"field{i}": i}, {"Content-Type": "application/merge-patch+json"}
+        ).status
+
+    with ThreadPoolExecutor(20) as pool:
+        assert set(pool.map(patch, range(20))) == {200}
+    assert consistent_state(b)["doc"] == {f"field{i}": i for i in range(20)}
+
+
+def test_a_node_killed_mid_write_loses_no_acknowledged_write(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2)
+    acknowledged: dict[str, int] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(node, name: str) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                status = node.request("PUT", f"/keys/{name}-{i}", i, timeout=5).status
+            except OSError:
+                return  # the node died
+            if status in (200, 201):
+                with lock:
+                    acknowledged[f"{name}-{i}"] = i
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(node, f"{tag}{t}"))
+               for node, tag in ((a, "a"), (b, "b")) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    a.kill()
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    state = consistent_state(b)
+    missing = {key for key in acknowledged if state.get(key) != acknowledged[key]}
+    assert not missing, sorted(missing)[:10]
+    assert len(acknowledged) > 50
+    # The killed node comes back, catches up, and agrees.
+    restarted = kvd_process(data_dir=tmp_path / "node0", env=nats_env([nats_server.url]))
+    assert consistent_state(restarted) == consistent_state(b)
+
+
+# --- NATS away -------------------------------------------------------------------
+
+
+def test_nats_down_refuses_writes_serves_reads_and_resumes_without_gaps(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (node,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1, journal_nats_publish_timeout=1.0)
+    assert node.request("PUT", "/keys", {"a": 1, "b": 2}).status == 200
+    nats_server.kill()
+    refused = node.request("PUT", "/keys/c", 3, timeout=10)
+    assert refused.status == 503 and refused.headers.get("Retry-After") == "1", refused.body
+    assert node.get_key("a").json() == {"a": 1}  # served from the applied state
+    assert node.request("GET", "/keys/a?consistent=1").status == 503
+    assert node.request("GET", "/readyz").status == 503
+    nats_server.restart(graceful=False)
+    deadline = time.monotonic() + 20
+    while node.request("GET", "/readyz").status != 200:
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.1)
+    assert node.request("PUT", "/keys/c", 3).status == 201
+    lines = journal_lines(node)
+    assert [line["seq"] for line in lines] == [1, 2]
+    assert consistent_state(node) == {"a": 1, "b": 2, "c": 3}
+
+
+# --- compaction and start-up -------------------------------------------------------
+
+
+def test_new_node_starts_from_the_shared_snapshot_and_the_stream_is_trimmed(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    settings = {
+        "journal_compact_dead_ratio": 0.1, "journal_compact_min_dead_bytes": 0,
+        "journal_compact_check_seconds": 0.2,
+    }
+    (a,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1, **settings)
+    for round_ in range(3):
+        for i in range(40):
+            a.request("PUT", "/keys", {f"k{j}": [round_, i, j] for j in range(10)})
+        deadline = time.monotonic() + 20
+        while len(snapshot_objects(nats_server)) <= round_ and time.monotonic() < deadline:
+            time.sleep(0.1)
+    objects = snapshot_objects(nats_server)
+    assert len(objects) >= 2, objects
+    expected = consistent_state(a)
+    newcomer = kvd_process(data_dir=tmp_path / "newcomer", env=nats_env([nats_server.url]))
+    assert "loading snapshot" in newcomer.log()
+    assert consistent_state(newcomer) == expected
+    assert newcomer.request("GET", "/keys/k1?at=1").status == 410  # its history starts at the snapshot
+    # The stream keeps only what follows the second-newest snapshot.
+    first_record = journal_head_first_seq(nats_server)
+    assert first_record > 1
+    assert newcomer.request("PUT", "/keys/after", True).status == 201
+    assert a.request("GET", "/keys/after?consistent=1").status == 200
+
+
+def test_a_local_copy_of_another_stream_stops_start_up(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (a,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1)
+    a.request("PUT", "/keys/x", 1)
+    a.kill()
+    other = kvd_process(
+        data_dir=tmp_path / "node0", env=nats_env([nats_server.url], journal_nats_stream="OTHER"),
+        wait_ready=False,
+    )
+    assert other.process.wait(timeout=30) == 1
+    assert "stream OTHER is empty" in other.log()
+
+
+# --- a 3-server NATS cluster ------------------------------------------------------------
+
+
+def test_killing_a_nats_server_under_load_loses_no_acknowledged_write(nats_cluster: NatsCluster, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    nodes = start_nodes(
+        kvd_process, tmp_path, nats_cluster.urls, 2,
+        journal_nats_replicas=3, journal_nats_publish_timeout=15.0,
+    )
+    acknowledged: dict[str, int] = {}
+    refused = 0
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(node, name: str) -> None:
+        nonlocal refused
+        i = 0
+        while not stop.is_set():
+            status = node.request("PUT", f"/keys/{name}-{i}", i, timeout=30).status
+            with lock:
+                if status in (200, 201):
+                    acknowledged[f"{name}-{i}"] = i
+                else:
+                    assert status == 503, status
+                    refused += 1
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(node, f"n{n}w{t}"))
+               for n, node in enumerate(nodes) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    leader = nats_cluster.stream_leader("KVD")
+    victim = leader if leader is not None else 0
+    nats_cluster[victim].kill()
+    time.sleep(10.0)  # stream leader re-election takes 5-8 s after a SIGKILL
+    with lock:
+        during = len(acknowledged)
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert len(acknowledged) > during > 0
+    for node in nodes:
+        state = consistent_state(node)
+        missing = [key for key, value in acknowledged.items() if state.get(key) != value]
+        assert not missing, (len(missing), sorted(missing)[:5])
+    nats_cluster[victim].restart()
+    verify = subprocess.run(
+        [sys.executable, "-m", "kvd", "journal", "verify", "--data-dir", str(tmp_path / "node0")],
+        capture_output=True, text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# --- helpers reading NATS directly ------------------------------------------------------
+
+
+def snapshot_objects(server: NatsServer) -> list[str]:
+    return _run_nats(server, "objects")
+
+
+def journal_head_first_seq(server: NatsServer) -> int:
+    return _run_nats(server, "first")
+
+
+def _run_nats(server: NatsServer, what: str) -> Any:
+    """Ask NATS in a fresh interpreter (the tests' threads have no event loop)."""
+    script = f"""
+import asyncio, json, nats
+from kvd.log import nats_stream
+async def main():
+    nc = await nats.connect({server.url!r})
+    js = nc.jetstream()
+    if {what!r} == "objects":
+        store = await nats_stream.ensure_bucket(js, "KVD", 1)
+        result = [item.name for item in await nats_stream.list_snapshots(store)]
+    else:
+        where = await nats_stream.position(js, "KVD")
+        result = (await nats_stream.record_range(js, "KVD", where.first))[0]
+    await nc.close()
+    print(json.dumps(result))
+asyncio.run(main())
+"""
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(output.stdout)
