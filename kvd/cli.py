@@ -68,7 +68,11 @@ only read (no lock, no writes), so they are safe on a running server's
 directory. compact and repair change it and refuse while a server runs.
 Times (T) are ISO 8601 (2026-11-27T18:38:34Z; no zone means UTC; a date alone
 is its midnight). Exit status: 0 done, 1 failed (damage found, a point older
-than the retained history, store in use), 2 usage error."""
+than the retained history, store in use), 2 usage error.
+A NATS-backed store: --nats URL [--stream NAME] instead of --data-dir exports
+the stream and its snapshots into a temporary data directory (--keep-export
+DIR keeps it) and runs the command there; nothing in NATS changes. compact and
+repair exit 2 with --nats."""
 
 
 def _add_journal_commands(commands: argparse._SubParsersAction) -> None:
@@ -142,7 +146,9 @@ def _add_journal_commands(commands: argparse._SubParsersAction) -> None:
         actions, "compact", "compact a stopped store",
         "Snapshot the state and retire the segments it replaces (deleted, or moved to "
         "archive/ when journal.archive is on). Takes the data directory's lock: exits 1 "
-        "while a server runs (use POST /journal/compact then).",
+        "while a server runs (use POST /journal/compact then). Not for a NATS-backed "
+        "store: with --nats it exits 2, as the running nodes compact the shared stream.",
+        changes=True,
     )
 
     repair = _journal_action(
@@ -151,17 +157,45 @@ def _add_journal_commands(commands: argparse._SubParsersAction) -> None:
         "after it into quarantine/ (fsynced; nothing is deleted); a damaged newest snapshot "
         "is replaced by an older base from the archive when one exists, else nothing changes "
         "and it exits 1. Takes the lock: exits 1 while a server runs. Exits 0 when verify "
-        "passes afterwards.",
+        "passes afterwards. Not for a NATS-backed store: with --nats it exits 2 (cutting "
+        "records out of the shared stream is not supported); export it with `verify --nats "
+        "URL --keep-export DIR` and inspect DIR instead.",
+        changes=True,
     )
     repair.add_argument("--dry-run", action="store_true", help="print what would be cut; change nothing")
 
 
 def _journal_action(
-    actions: argparse._SubParsersAction, name: str, summary: str, description: str
+    actions: argparse._SubParsersAction, name: str, summary: str, description: str,
+    *, changes: bool = False,
 ) -> argparse.ArgumentParser:
     parser = actions.add_parser(name, help=summary, description=description)
     _add_config_option(parser)
-    parser.add_argument("--data-dir", metavar="D", help="the store's directory (default: journal.data_dir)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data-dir", metavar="D", help="the store's directory (default: journal.data_dir)")
+    if changes:
+        source.add_argument(
+            "--nats", metavar="URL", action="append",
+            help="a NATS-backed store: refused (exit 2), this command would change the shared stream",
+        )
+        parser.add_argument("--stream", metavar="NAME", help="with --nats: the journal stream")
+        return parser
+    source.add_argument(
+        "--nats", metavar="URL", action="append",
+        help="read a NATS-backed store instead of a data directory: its JetStream stream and "
+             "snapshot bucket, from this server (repeatable, or comma-separated for a "
+             "cluster), exported into a temporary data directory first (read-only)",
+    )
+    parser.add_argument(
+        "--stream", metavar="NAME",
+        help="with --nats: the journal stream (default: journal.nats.stream, KVD); snapshots "
+             "are read from object store bucket NAME-snapshots",
+    )
+    parser.add_argument(
+        "--keep-export", metavar="DIR",
+        help="with --nats: export into DIR (created, or empty) and keep it, a data directory "
+             "for later --data-dir runs (default: a temporary directory, removed afterwards)",
+    )
     return parser
 
 

@@ -85,7 +85,9 @@ def test_if_match_raced_on_two_nodes_has_exactly_one_winner(nats_server: NatsSer
         assert etag(b.request("GET", "/keys/k?consistent=1")) == tag
         barrier = threading.Barrier(16)
 
-        def attempt(i: int, tag: str = tag, round_: int = round_) -> int:
+        def attempt(
+            i: int, tag: str = tag, round_: int = round_, barrier: threading.Barrier = barrier
+        ) -> int:
             node = (a, b)[i % 2]
             barrier.wait()
             return node.request("PUT", "/keys/k", {"round": round_, "writer": i}, {"If-Match": tag}).status
@@ -171,6 +173,19 @@ def test_a_node_killed_mid_write_loses_no_acknowledged_write(nats_server: NatsSe
     # The killed node comes back, catches up, and agrees.
     restarted = kvd_process(data_dir=tmp_path / "node0", env=nats_env([nats_server.url]))
     assert consistent_state(restarted) == consistent_state(b)
+
+
+def test_expiry_swept_by_two_nodes_is_journaled_once(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2, plugins_expiry_sweep_interval=0.05)
+    assert a.request("PUT", "/keys?expire_in=1", {f"t{i}": i for i in range(50)}).status == 200
+    assert b.request("PUT", "/keys/stays", 1).status == 201
+    deadline = time.monotonic() + 10
+    while consistent_state(b) != {"stays": 1}:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)  # a second sweep would have been journaled by now
+    removed = [key for line in journal_lines(a) if line["op"] == "expire" for key in line["keys"]]
+    assert sorted(removed) == sorted(f"t{i}" for i in range(50))  # each key once, by one node or the other
 
 
 # --- NATS away -------------------------------------------------------------------
