@@ -140,36 +140,11 @@ def test_patches_racing_on_two_nodes_all_merge(nats_server: NatsServer, kvd_proc
 
 def test_a_node_killed_mid_write_loses_no_acknowledged_write(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
     a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2)
-    acknowledged: dict[str, int] = {}
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def writer(node, name: str) -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                status = node.request("PUT", f"/keys/{name}-{i}", i, timeout=5).status
-            except OSError:
-                return  # the node died
-            if status in (200, 201):
-                with lock:
-                    acknowledged[f"{name}-{i}"] = i
-            i += 1
-
-    threads = [threading.Thread(target=writer, args=(node, f"{tag}{t}"))
-               for node, tag in ((a, "a"), (b, "b")) for t in range(3)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    a.kill()
-    time.sleep(0.5)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    state = consistent_state(b)
+    acknowledged, _ = run_writers([a, b], a.kill, after=0.5)
+    assert len(acknowledged) > 50
+    state = consistent_state(b)  # b kept serving
     missing = {key for key in acknowledged if state.get(key) != acknowledged[key]}
     assert not missing, sorted(missing)[:10]
-    assert len(acknowledged) > 50
     # The killed node comes back, catches up, and agrees.
     restarted = kvd_process(data_dir=tmp_path / "node0", env=nats_env([nats_server.url]))
     assert consistent_state(restarted) == consistent_state(b)
@@ -209,6 +184,58 @@ def test_nats_down_refuses_writes_serves_reads_and_resumes_without_gaps(nats_ser
     lines = journal_lines(node)
     assert [line["seq"] for line in lines] == [1, 2]
     assert consistent_state(node) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_a_single_nats_server_killed_under_load_loses_no_acknowledged_write(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    """SIGKILL of the only NATS server (not a power loss): what it acknowledged is in its files."""
+    nodes = start_nodes(kvd_process, tmp_path, [nats_server.url], 2, journal_nats_publish_timeout=2.0)
+    acknowledged, refused = run_writers(nodes, lambda: (nats_server.kill(), time.sleep(1.0), nats_server.restart(graceful=False)))
+    assert refused > 0  # writes really were refused while it was away
+    for node in nodes:
+        node.wait_ready(20)
+        state = consistent_state(node)
+        missing = [key for key, value in acknowledged.items() if state.get(key) != value]
+        assert not missing, (len(missing), sorted(missing)[:5])
+    lines = journal_lines(nodes[0])
+    assert [line["seq"] for line in lines] == list(range(1, len(lines) + 1))
+
+
+def run_writers(nodes: list[Any], fault, threads_per_node: int = 3, before: float = 1.0, after: float = 1.0) -> tuple[dict[str, int], int]:
+    """Writers on every node, ``fault()`` in the middle; returns (acknowledged writes, 503s)."""
+    acknowledged: dict[str, int] = {}
+    refused = 0
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(node, name: str) -> None:
+        nonlocal refused
+        i = 0
+        while not stop.is_set():
+            try:
+                status = node.request("PUT", f"/keys/{name}-{i}", i, timeout=30).status
+            except OSError:
+                status = 0
+            with lock:
+                if status in (200, 201):
+                    acknowledged[f"{name}-{i}"] = i
+                else:
+                    assert status in (0, 503), status
+                    refused += 1
+            if status != 201:
+                time.sleep(0.05)
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(node, f"n{n}w{t}"))
+               for n, node in enumerate(nodes) for t in range(threads_per_node)]
+    for thread in threads:
+        thread.start()
+    time.sleep(before)
+    fault()
+    time.sleep(after)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return acknowledged, refused
 
 
 # --- compaction and start-up -------------------------------------------------------
@@ -260,50 +287,51 @@ def test_killing_a_nats_server_under_load_loses_no_acknowledged_write(nats_clust
         kvd_process, tmp_path, nats_cluster.urls, 2,
         journal_nats_replicas=3, journal_nats_publish_timeout=15.0,
     )
-    acknowledged: dict[str, int] = {}
-    refused = 0
-    lock = threading.Lock()
-    stop = threading.Event()
+    victims: list[int] = []
 
-    def writer(node, name: str) -> None:
-        nonlocal refused
-        i = 0
-        while not stop.is_set():
-            status = node.request("PUT", f"/keys/{name}-{i}", i, timeout=30).status
-            with lock:
-                if status in (200, 201):
-                    acknowledged[f"{name}-{i}"] = i
-                else:
-                    assert status == 503, status
-                    refused += 1
-            i += 1
+    def kill_the_stream_leader() -> None:
+        leader = nats_cluster.stream_leader("KVD")
+        victims.append(leader if leader is not None else 0)
+        nats_cluster[victims[0]].kill()
 
-    threads = [threading.Thread(target=writer, args=(node, f"n{n}w{t}"))
-               for n, node in enumerate(nodes) for t in range(3)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    leader = nats_cluster.stream_leader("KVD")
-    victim = leader if leader is not None else 0
-    nats_cluster[victim].kill()
-    time.sleep(10.0)  # stream leader re-election takes 5-8 s after a SIGKILL
-    with lock:
-        during = len(acknowledged)
-    time.sleep(1.0)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    assert len(acknowledged) > during > 0
+    # Stream leader re-election takes 5-8 s after a SIGKILL; writes go on after it.
+    acknowledged, _ = run_writers(nodes, kill_the_stream_leader, after=12.0)
+    assert len(acknowledged) > 100
     for node in nodes:
         state = consistent_state(node)
         missing = [key for key, value in acknowledged.items() if state.get(key) != value]
         assert not missing, (len(missing), sorted(missing)[:5])
-    nats_cluster[victim].restart()
+    nats_cluster[victims[0]].restart()
     verify = subprocess.run(
         [sys.executable, "-m", "kvd", "journal", "verify", "--data-dir", str(tmp_path / "node0")],
         capture_output=True, text=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_stream_without_quorum_makes_nodes_unready_until_it_is_back(nats_cluster: NatsCluster, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (node,) = start_nodes(
+        kvd_process, tmp_path, nats_cluster.urls, 1,
+        journal_nats_replicas=3, journal_nats_publish_timeout=2.0,
+    )
+    assert node.request("PUT", "/keys/before", 1).status == 201
+    survivor = nats_cluster.stream_leader("KVD") or 0
+    down = [i for i in range(3) if i != survivor]
+    for i in down:
+        nats_cluster[i].kill()
+    refused = node.request("PUT", "/keys/during", 2, timeout=30)
+    assert refused.status == 503, refused.body
+    assert node.request("GET", "/readyz").status == 503  # connected, but nothing is confirmed
+    assert node.get_key("before").status == 200  # reads go on
+    for i in down:
+        nats_cluster[i].restart()
+    deadline = time.monotonic() + 40
+    while node.request("GET", "/readyz").status != 200:  # back without any write
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.2)
+    put = node.request("PUT", "/keys/after", 3, timeout=30)
+    assert put.status == 201, put.body
+    assert set(consistent_state(node)) <= {"before", "during", "after"}
 
 
 # --- helpers reading NATS directly ------------------------------------------------------

@@ -26,7 +26,7 @@ class ReadyHandler(BaseHandler):
         if not self.store.ready:
             raise Unavailable("replaying the journal", headers={"Retry-After": "1"})
         journal = self.ctx.journal
-        if journal is not None and not journal.writable:
-            reason = getattr(journal, "refusal", None) or "journal refuses writes"
-            raise Unavailable(reason)
+        problem = journal.readiness_problem if journal is not None else None
+        if problem is not None:
+            raise Unavailable(problem)
         self.send_json(orjson.dumps({"status": "ready", "revision": journal.last_seq if journal else 0}))

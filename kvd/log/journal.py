@@ -121,6 +121,13 @@ class Journal(abc.ABC):
         """Whether a refused write may succeed later without a restart (503 with Retry-After)."""
         return self.writable
 
+    @property
+    def readiness_problem(self) -> str | None:
+        """Why ``/readyz`` should answer 503 now, or None."""
+        if self.writable:
+            return None
+        return getattr(self, "refusal", None) or "journal refuses writes"
+
     async def catch_up(self) -> None:
         """Apply every record the log holds now (``?consistent=1``); a single-node log always has."""
         return None

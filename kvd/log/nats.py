@@ -44,12 +44,14 @@ from kvd.log import nats_stream
 from kvd.log.file import FileJournal, _Pending, build_record
 from kvd.log.format import GENESIS_HASH, Record, RecordError, decode_record, format_ts
 from kvd.log.journal import JournalStats, JournalUnavailable, StartupRefused, Superseded
+from kvd.log.nats_durability import durability_warnings
 from kvd.log.reader import list_segments
 from kvd.log.snapshot import list_snapshots, snapshot_name
 from kvd.model import Change, Entry
 
 log = logging.getLogger("kvd.journal")
 
+STALLED_SECONDS = 1.0  # an unconfirmed publish older than this makes /readyz answer 503
 HEADER_ROOM = 1024  # bytes of max_payload left for headers
 KEEP_SNAPSHOTS = 2  # in the bucket, with archive off; the stream keeps the records after the older one
 
@@ -123,6 +125,8 @@ class NatsJournal(FileJournal):
         self._inflight: _Outgoing | None = None
         self._acked: dict[str, _Outgoing] = {}  # first record hash -> acknowledged, not yet received
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unconfirmed_since: float | None = None  # when the oldest unconfirmed publish went out
+        self._probe: asyncio.Task[None] | None = None
         self._cut_stream_seqs: dict[int, int] = {}  # snapshot seq -> stream seq of its last message
         self.publish_stats = JournalStats()
 
@@ -132,7 +136,11 @@ class NatsJournal(FileJournal):
         """Connect, load the local copy (or the newest snapshot), then apply the stream to its end."""
         await self._connect()
         assert self._js is not None
-        await nats_stream.ensure_stream(self._js, self.settings.stream, self.settings.replicas)
+        info = await nats_stream.ensure_stream(self._js, self.settings.stream, self.settings.replicas)
+        for warning in durability_warnings(
+            str(self._nc.connected_server_version), info.config.num_replicas or 1, self.fsync_policy, None
+        ):
+            log.warning("%s", warning)
         self._objects = await nats_stream.ensure_bucket(self._js, self.settings.stream, self.settings.replicas)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, FileJournal.replay, self, progress)
@@ -292,6 +300,7 @@ class NatsJournal(FileJournal):
             ours, self._inflight = self._inflight, None
             self._schedule_publish()
         if ours is not None:
+            self._unconfirmed_since = None
             ours.settled.set()
             for item in ours.items:
                 self._enqueue(item.record, item.future)
@@ -374,6 +383,15 @@ class NatsJournal(FileJournal):
         return self._refusal is None and not self._closed
 
     @property
+    def readiness_problem(self) -> str | None:
+        """Also not ready while NATS takes no writes (e.g. a stream without a leader)."""
+        problem = self.refusal
+        if problem is None and self._unconfirmed_since is not None:
+            if asyncio.get_running_loop().time() - self._unconfirmed_since > STALLED_SECONDS:
+                problem = "NATS is not confirming writes (is the stream without a leader?)"
+        return problem
+
+    @property
     def refusal(self) -> str | None:
         if self._refusal is not None:
             return self._refusal
@@ -418,6 +436,8 @@ class NatsJournal(FileJournal):
         deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout
         batch = _Outgoing(items, b"".join(item.line for item in items), self._expected, deadline)
         self._inflight = batch
+        if self._unconfirmed_since is None:
+            self._unconfirmed_since = asyncio.get_running_loop().time()
         task = asyncio.get_running_loop().create_task(self._publish(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -443,6 +463,7 @@ class NatsJournal(FileJournal):
                 )
             except APIError as exc:
                 if exc.err_code == nats_stream.WRONG_LAST_SEQUENCE:
+                    self._unconfirmed_since = None  # the stream answered: it works
                     # Another node's message took the place; it arrives through
                     # the subscription and supersedes this batch.
                     with contextlib.suppress(TimeoutError):
@@ -454,6 +475,7 @@ class NatsJournal(FileJournal):
             except (NatsError, TimeoutError, OSError) as exc:
                 log.debug("publish not confirmed (%r); sending it again", exc)
             else:
+                self._unconfirmed_since = None
                 if batch is self._inflight:
                     self._inflight = None
                     self._acked[batch.first_hash] = batch
@@ -482,6 +504,20 @@ class NatsJournal(FileJournal):
         for item in failed:
             if item.future is not None and not item.future.done():
                 item.future.set_exception(error)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_confirming())
+
+    async def _probe_until_confirming(self) -> None:
+        """After an unconfirmed write: ask the stream until it answers, so /readyz recovers without writes."""
+        assert self._js is not None
+        while self._unconfirmed_since is not None and not self._closed:
+            await asyncio.sleep(1.0)
+            try:
+                await self._js.stream_info(self.settings.stream)
+            except (NatsError, TimeoutError, OSError):
+                continue
+            if self._inflight is None:
+                self._unconfirmed_since = None
 
     def _fail_all_own(self, error: Exception) -> None:
         failed = (self._inflight.items if self._inflight is not None else []) + self._outbox
@@ -531,6 +567,8 @@ class NatsJournal(FileJournal):
     async def close(self) -> None:
         if self._closed:
             return
+        if self._probe is not None:
+            self._probe.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, self.settings.publish_timeout)
