@@ -279,6 +279,49 @@ def test_a_local_copy_of_another_stream_stops_start_up(nats_server: NatsServer, 
     assert "stream OTHER is empty" in other.log()
 
 
+def test_with_archive_the_stream_keeps_all_history_for_auditors(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    settings = {
+        "journal_archive": "true", "journal_compact_dead_ratio": 0.1,
+        "journal_compact_min_dead_bytes": 0, "journal_compact_check_seconds": 0.2,
+    }
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2, **settings)
+    for round_ in range(3):
+        for i in range(20 * round_, 20 * round_ + 20):
+            (a, b)[i % 2].request("PUT", "/keys", {"k": i, "other": [i]})
+        deadline = time.monotonic() + 20
+        while len(snapshot_objects(nats_server)) <= round_:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert journal_head_first_seq(nats_server) == 1  # nothing trimmed
+    audit = [sys.executable, "-m", "kvd", "journal"]
+    source = ["--nats", nats_server.url, "--stream", "KVD"]
+    verify = subprocess.run([*audit, "verify", *source], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    replay = subprocess.run([*audit, "replay", *source, "--seq", "7"], capture_output=True, text=True)
+    assert replay.returncode == 0, replay.stderr
+    assert json.loads(replay.stdout) == {"k": 6, "other": [6]}
+    # A node's own ?at= reaches back to seq 1 too (its copy archived what it compacted).
+    assert a.request("GET", "/keys/k?at=3").json() == {"k": 2}
+
+
+def test_a_forged_record_in_the_stream_is_refused_not_applied(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (node,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1)
+    assert node.request("PUT", "/keys/a", 1).status == 201
+    head = journal_lines(node)[-1]
+    forged = json.dumps({
+        "v": 1, "seq": 2, "ts": head["ts"], "op": "put", "set": {"a": 666},
+        "prev": head["hash"], "hash": "0" * 64,
+    }, separators=(",", ":")) + "\n"
+    _run_nats(nats_server, "publish", forged)
+    deadline = time.monotonic() + 10
+    while (ready := node.request("GET", "/readyz")).status == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert b"stream seq 2" in ready.body and b"checksum" in ready.body, ready.body
+    assert node.get_key("a").json() == {"a": 1}  # never applied
+    assert node.request("PUT", "/keys/b", 2).status == 503
+
+
 # --- a 3-server NATS cluster ------------------------------------------------------------
 
 
@@ -345,7 +388,7 @@ def journal_head_first_seq(server: NatsServer) -> int:
     return _run_nats(server, "first")
 
 
-def _run_nats(server: NatsServer, what: str) -> Any:
+def _run_nats(server: NatsServer, what: str, payload: str = "") -> Any:
     """Ask NATS in a fresh interpreter (the tests' threads have no event loop)."""
     script = f"""
 import asyncio, json, nats
@@ -353,7 +396,11 @@ from kvd.log import nats_stream
 async def main():
     nc = await nats.connect({server.url!r})
     js = nc.jetstream()
-    if {what!r} == "objects":
+    if {what!r} == "publish":
+        await js.publish(nats_stream.subject("KVD"), {payload!r}.encode(),
+                         headers={{"Kvd-First-Seq": "2", "Kvd-Last-Seq": "2"}})
+        result = None
+    elif {what!r} == "objects":
         store = await nats_stream.ensure_bucket(js, "KVD", 1)
         result = [item.name for item in await nats_stream.list_snapshots(store)]
     else:
