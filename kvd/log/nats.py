@@ -254,7 +254,7 @@ class NatsJournal(FileJournal):
         )
         assert self._js is not None
         self._subscription = await self._js.subscribe(
-            self.subject, cb=self._on_message, ordered_consumer=True, config=config, idle_heartbeat=2.0,
+            self.subject, cb=self._on_message, ordered_consumer=True, config=config, idle_heartbeat=1.0,
         )
 
     # --- receiving -------------------------------------------------------------
