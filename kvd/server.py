@@ -68,32 +68,24 @@ def build_context(config: Config, plugins: pluggy.PluginManager | None = None) -
             log.exception("journal_synced hook failed")
             ctx.report_error("hook_journal_synced", exc)
 
+    common = {
+        "segment_bytes": config.journal.segment_bytes,
+        "archive": config.journal.archive,
+        "on_commit": store.apply,
+        "on_restore": store.restore,
+        "on_abort": store.abort_pending,
+    }
     journal: FileJournal
     if config.journal.backend == "nats":
         from kvd.log.nats import NatsJournal  # nats-py is only needed for this backend
 
         journal = NatsJournal(
-            config.data_dir,
-            settings=config.journal.nats,
-            fsync_policy=config.journal.fsync,
-            segment_bytes=config.journal.segment_bytes,
-            archive=config.journal.archive,
-            on_commit=store.apply,
-            on_restore=store.restore,
-            on_abort=store.abort_pending,
-            on_note=store.note_record,
-            on_reset=store.reset,
+            config.data_dir, settings=config.journal.nats, fsync_policy=config.journal.fsync,
+            on_note=store.note_record, on_reset=store.reset, **common,
         )
     else:
         journal = FileJournal(
-            config.data_dir,
-            fsync=config.journal.fsync,
-            segment_bytes=config.journal.segment_bytes,
-            archive=config.journal.archive,
-            on_commit=store.apply,
-            on_restore=store.restore,
-            on_abort=store.abort_pending,
-            on_synced=observe_sync,
+            config.data_dir, fsync=config.journal.fsync, on_synced=observe_sync, **common
         )
     store.attach(journal)
     ctx.journal = journal

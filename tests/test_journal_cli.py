@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests_support import Ran
 
 from kvd.audit import progress
 from kvd.cli import main
@@ -222,20 +223,6 @@ def rechain(lines: list[bytes], prev: str) -> list[bytes]:
 
 
 # --- running the command -------------------------------------------------------------
-
-
-@dataclass
-class Ran:
-    code: int
-    out: bytes
-    err: str
-
-    @property
-    def text(self) -> str:
-        return self.out.decode()
-
-    def lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.out.splitlines()]
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 import nats
 import pytest
 from natsserver import free_ports, nats_server  # noqa: F401
+from tests_support import Ran
 
 from kvd.audit import nats_source
 from kvd.cli import main
@@ -189,17 +190,6 @@ def build(url: str, tmp: Path, stream: str, *, count: int = 60, seed: int = 1,
 
 
 # --- running commands ----------------------------------------------------------------
-
-
-@dataclass
-class Ran:
-    code: int
-    out: bytes
-    err: str
-
-    @property
-    def text(self) -> str:
-        return self.out.decode()
 
 
 @pytest.fixture
