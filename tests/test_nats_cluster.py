@@ -120,6 +120,19 @@ def test_compare_and_set_increments_from_both_nodes_lose_nothing(nats_server: Na
         conflicts = sum(pool.map(increment, range(workers)))
     assert consistent_state(a)["counter"] == consistent_state(b)["counter"] == per_worker * workers
     assert conflicts > 0  # the race really happened
+    figures = [metrics(node) for node in (a, b)]
+    assert sum(f["kvd_nats_published_records_total"] for f in figures) == per_worker * workers + 1
+    assert all(f["kvd_nats_received_records_total"] == per_worker * workers + 1 for f in figures)
+    assert all(f["kvd_nats_connected"] == 1 for f in figures)
+    assert sum(f["kvd_nats_superseded_writes_total"] for f in figures) > 0
+
+
+def metrics(node) -> dict[str, float]:
+    text = node.request("GET", "/metrics").body.decode()
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines() if line.startswith("kvd_nats_")
+    }
 
 
 def test_patches_racing_on_two_nodes_all_merge(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811

@@ -128,6 +128,10 @@ class Journal(abc.ABC):
             return None
         return getattr(self, "refusal", None) or "journal refuses writes"
 
+    def extra_metrics(self) -> dict[str, tuple[str, str, float]]:
+        """Backend-specific figures for /metrics: name -> ("counter"|"gauge", help, value)."""
+        return {}
+
     async def catch_up(self) -> None:
         """Apply every record the log holds now (``?consistent=1``); a single-node log always has."""
         return None

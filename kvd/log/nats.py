@@ -60,6 +60,17 @@ class StreamMismatch(StartupRefused):
     """The local copy and the stream disagree: start-up stops so nothing is mixed."""
 
 
+@dataclass
+class Counts:
+    """What /metrics shows about this node's traffic with the stream."""
+
+    messages: int = 0
+    records: int = 0
+    received: int = 0
+    superseded: int = 0
+    unconfirmed: int = 0
+
+
 @dataclass(slots=True)
 class _Outgoing:
     """One publish: own records in order, as one message."""
@@ -128,7 +139,7 @@ class NatsJournal(FileJournal):
         self._unconfirmed_since: float | None = None  # when the oldest unconfirmed publish went out
         self._probe: asyncio.Task[None] | None = None
         self._cut_stream_seqs: dict[int, int] = {}  # snapshot seq -> stream seq of its last message
-        self.publish_stats = JournalStats()
+        self.published = Counts()
 
     # --- start-up ------------------------------------------------------------
 
@@ -301,6 +312,8 @@ class NatsJournal(FileJournal):
             self._schedule_publish()
         if ours is not None:
             self._unconfirmed_since = None
+            self.published.messages += 1
+            self.published.records += len(ours.items)
             ours.settled.set()
             for item in ours.items:
                 self._enqueue(item.record, item.future)
@@ -314,7 +327,7 @@ class NatsJournal(FileJournal):
         self._message_ends[seq] = stream_seq
         if self._inflight is None and not self._outbox and not self._acked:
             self._tail_seq, self._tail_hash = seq, prev
-        self.publish_stats.records += len(records)
+        self.published.received += len(records)
 
     def _supersede(self) -> None:
         """Another node's message came first: own unsent and unconfirmed writes are decided again."""
@@ -323,6 +336,7 @@ class NatsJournal(FileJournal):
             self._inflight.settled.set()
         self._inflight, self._outbox = None, []
         self._forget_own_pending()
+        self.published.superseded += len(doomed)
         for item in doomed:
             if item.future is not None and not item.future.done():
                 item.future.set_exception(Superseded())
@@ -368,6 +382,22 @@ class NatsJournal(FileJournal):
             await asyncio.wait_for(self._wait_applied(last), self.settings.publish_timeout)
         except (NatsError, TimeoutError) as exc:
             raise JournalUnavailable(f"NATS did not answer in time: {exc or 'timeout'}") from None
+
+    def extra_metrics(self) -> dict[str, tuple[str, str, float]]:
+        counts = self.published
+        return {
+            "kvd_nats_published_messages": ("counter", "Messages this node published to the stream", counts.messages),
+            "kvd_nats_published_records": ("counter", "Records in them (records per message: the batching)", counts.records),
+            "kvd_nats_received_records": ("counter", "Records received from the stream, from every node", counts.received),
+            "kvd_nats_superseded_writes": (
+                "counter", "Writes decided again because another node's record came first", counts.superseded,
+            ),
+            "kvd_nats_unconfirmed_writes": (
+                "counter", "Writes answered 503 because NATS did not confirm them in time", counts.unconfirmed,
+            ),
+            "kvd_nats_applied_stream_seq": ("gauge", "Stream sequence applied here", self._applied_stream_seq),
+            "kvd_nats_connected": ("gauge", "1 while connected to NATS", int(self._connected)),
+        }
 
     # --- appending ---------------------------------------------------------------
 
@@ -480,8 +510,6 @@ class NatsJournal(FileJournal):
                     self._inflight = None
                     self._acked[batch.first_hash] = batch
                     self._expected = max(self._expected, ack.seq)
-                    self.publish_stats.batches += 1
-                    self.publish_stats.batched_records += len(batch.items)
                     self._publish_next()
                 return
             await asyncio.sleep(pause)
@@ -496,6 +524,7 @@ class NatsJournal(FileJournal):
         self._inflight = None
         failed = batch.items + self._outbox
         self._outbox = []
+        self.published.unconfirmed += len(failed)
         self._forget_own_pending()
         error = JournalUnavailable(
             f"NATS did not confirm the write within {self.settings.publish_timeout:g}s; "

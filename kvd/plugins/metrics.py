@@ -111,6 +111,9 @@ class StoreCollector(Collector):
             yield GaugeMetricFamily(
                 "kvd_compaction_seconds", "Duration of the last compaction", value=stats.compaction_seconds
             )
+            for name, (kind, about, value) in journal.extra_metrics().items():
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, about, value=value)
 
 
 class MetricsHandler(BaseHandler):
