@@ -29,20 +29,22 @@ lint: $(VENV)/.installed-test
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Benchmarks (docs/benchmarks.md): `make bench`, `make bench-replay` and
-# `make bench-compaction`, in their own environment so the benchmark's extra
-# packages never reach .venv.
-# Flags go through BENCH_ARGS, REPLAY_ARGS and COMPACTION_ARGS, e.g.
+# Benchmarks (docs/benchmarks.md): `make bench`, `make bench-replay`,
+# `make bench-compaction` and `make bench-nats`, in their own environment so
+# the benchmark's extra packages never reach .venv.
+# Flags go through BENCH_ARGS, REPLAY_ARGS, COMPACTION_ARGS and NATS_ARGS, e.g.
 #   make bench BENCH_ARGS="--duration 5 --servers kvd,etcd"
 #   make bench-replay REPLAY_ARGS="--records 200000"
 #   make bench-compaction COMPACTION_ARGS="--keys 200000 --repeats 1"
+#   make bench-nats NATS_ARGS="--duration 5 --workloads put,get"
 BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_ARGS ?=
 REPLAY_ARGS ?=
 COMPACTION_ARGS ?=
+NATS_ARGS ?=
 
-.PHONY: bench bench-replay bench-compaction
+.PHONY: bench bench-replay bench-compaction bench-nats
 
 $(BENCH_VENV)/.installed: requirements.txt pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -62,3 +64,7 @@ bench-replay: $(BENCH_VENV)/.installed
 
 bench-compaction: $(BENCH_VENV)/.installed
 	$(BENCH_PY) bench/compaction.py $(COMPACTION_ARGS)
+
+# Needs wrk and nats-server (apt-get install wrk nats-server).
+bench-nats: $(BENCH_VENV)/.installed
+	$(BENCH_PY) bench/nats.py $(NATS_ARGS)

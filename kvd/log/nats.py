@@ -138,6 +138,7 @@ class NatsJournal(FileJournal):
         self._tasks: set[asyncio.Task[None]] = set()
         self._unconfirmed_since: float | None = None  # when the oldest unconfirmed publish went out
         self._probe: asyncio.Task[None] | None = None
+        self._closing = False
         self._cut_stream_seqs: dict[int, int] = {}  # snapshot seq -> stream seq of its last message
         self.published = Counts()
 
@@ -174,7 +175,8 @@ class NatsJournal(FileJournal):
     async def _connect(self) -> None:
         async def disconnected() -> None:
             self._connected = False
-            log.warning("NATS disconnected: writes answer 503 until it is back")
+            if not self._closing:
+                log.warning("NATS disconnected: writes answer 503 until it is back")
 
         async def reconnected() -> None:
             self._connected = True
@@ -596,6 +598,7 @@ class NatsJournal(FileJournal):
     async def close(self) -> None:
         if self._closed:
             return
+        self._closing = True
         if self._probe is not None:
             self._probe.cancel()
         for task in list(self._tasks):
