@@ -280,6 +280,37 @@ def test_new_node_starts_from_the_shared_snapshot_and_the_stream_is_trimmed(nats
     assert a.request("GET", "/keys/after?consistent=1").status == 200
 
 
+def test_a_node_whose_copy_was_trimmed_from_the_stream_restarts_from_the_snapshot(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    settings = {
+        "journal_compact_dead_ratio": 0.1, "journal_compact_min_dead_bytes": 0,
+        "journal_compact_check_seconds": 0.2,
+    }
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2, **settings)
+    assert b.request("PUT", "/keys/from-b", 1).status == 201
+    b.kill()
+    behind = journal_head_first_seq(nats_server)
+    for round_ in range(4):
+        for i in range(30):
+            a.request("PUT", "/keys", {f"k{j}": [round_, i] for j in range(5)})
+        deadline = time.monotonic() + 20
+        while len(snapshot_objects(nats_server)) < min(round_ + 1, 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    deadline = time.monotonic() + 20
+    while journal_head_first_seq(nats_server) <= 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # trimmed past what b has
+    assert journal_head_first_seq(nats_server) > 2 >= behind
+    restarted = kvd_process(data_dir=tmp_path / "node1", env=nats_env([nats_server.url], **settings))
+    assert "loading snapshot" in restarted.log()
+    assert consistent_state(restarted) == consistent_state(a)
+    assert restarted.request("PUT", "/keys/again", 2).status == 201
+    assert a.request("GET", "/keys/again?consistent=1").status == 200
+    verify = subprocess.run(  # the replaced copy left nothing behind that breaks the chain
+        [sys.executable, "-m", "kvd", "journal", "verify", "--data-dir", str(tmp_path / "node1")],
+        capture_output=True, text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 def test_a_local_copy_of_another_stream_stops_start_up(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
     (a,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1)
     a.request("PUT", "/keys/x", 1)
