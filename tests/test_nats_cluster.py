@@ -311,6 +311,21 @@ def test_a_node_whose_copy_was_trimmed_from_the_stream_restarts_from_the_snapsho
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_a_local_copy_that_diverges_from_the_stream_stops_start_up(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (a,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1, journal_nats_stream="FIRST")
+    a.request("PUT", "/keys", {"x": 1, "y": 2})
+    a.kill()
+    other = kvd_process(data_dir=tmp_path / "other", env=nats_env([nats_server.url], journal_nats_stream="SECOND"))
+    for i in range(3):
+        other.request("PUT", f"/keys/z{i}", i)
+    wrong = kvd_process(
+        data_dir=tmp_path / "node0", env=nats_env([nats_server.url], journal_nats_stream="SECOND"),
+        wait_ready=False,
+    )
+    assert wrong.process.wait(timeout=30) == 1, wrong.log()
+    assert "does not continue the chain" in wrong.log()
+
+
 def test_a_local_copy_of_another_stream_stops_start_up(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
     (a,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1)
     a.request("PUT", "/keys/x", 1)

@@ -280,6 +280,10 @@ class NatsJournal(FileJournal):
                 self._refusal = f"cannot apply the stream: {exc}; restart this node"
                 log.critical("%s", self._refusal)
                 self._fail_all_own(JournalUnavailable(self._refusal))
+                if not self._caught_up:  # still starting: stop start-up rather than wait for ever
+                    for _, _, future in self._waiters:
+                        if not future.done():
+                            future.set_exception(StreamMismatch(str(exc)))
 
     def _receive(self, stream_seq: int, data: bytes) -> None:
         """Check one message against the chain and hand its records to the local copy."""
