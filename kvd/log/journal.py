@@ -2,8 +2,8 @@
 
 The store talks only to ``Journal``: replay every record at start-up, then
 append changes and learn, in order, when each is durable. The file journal
-(``kvd.log.file``) is the embedded default; a replicated log can implement
-the same interface.
+(``kvd.log.file``) is the embedded default; ``kvd.log.nats`` puts the records
+on a NATS JetStream stream shared by several nodes (docs/nats.md).
 """
 
 from __future__ import annotations
