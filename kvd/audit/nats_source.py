@@ -419,20 +419,6 @@ def _line_seq(line: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _last_line(data: bytes) -> bytes:
-    end = len(data) - 1 if data.endswith(b"\n") else len(data)
-    return data[data.rfind(b"\n", 0, end) + 1 :]
-
-
-def _lines(data: bytes) -> list[bytes]:
-    """Split at ``\\n`` only, keeping it (a last piece without one stays as it is)."""
-    parts = data.split(b"\n")
-    lines = [part + b"\n" for part in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
-
-
 class _SegmentWriter:
     """Writes messages' bytes into segment files: ``archive/`` up to ``boundary``, then the top level."""
 
@@ -461,11 +447,11 @@ class _SegmentWriter:
     def _add_archived(self, stream_seq: int, data: bytes) -> None:
         """Before the boundary: whole messages to ``archive/``; the one that crosses it is split."""
         assert self.boundary is not None
-        last = _line_seq(_last_line(data))
+        last = _line_seq(nats_stream.last_line(data))
         if last is not None and last <= self.boundary:
             self._write(stream_seq, data, self._count_lines(data))
             return
-        lines = _lines(data)
+        lines = nats_stream.lines(data)
         archived: list[bytes] = []
         expected = self.hint
         for index, line in enumerate(lines):
@@ -504,7 +490,7 @@ class _SegmentWriter:
         summary.records += lines
         if summary.first_seq is None:
             summary.first_seq = first if first is not None else self.hint
-        last = _line_seq(_last_line(data))
+        last = _line_seq(nats_stream.last_line(data))
         if last is None and self.hint is not None:
             last = self.hint + lines - 1
         if last is not None:

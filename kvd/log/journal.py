@@ -122,11 +122,16 @@ class Journal(abc.ABC):
         return self.writable
 
     @property
+    def refusal(self) -> str | None:
+        """Why writes are refused now, when the journal knows."""
+        return None
+
+    @property
     def readiness_problem(self) -> str | None:
         """Why ``/readyz`` should answer 503 now, or None."""
         if self.writable:
             return None
-        return getattr(self, "refusal", None) or "journal refuses writes"
+        return self.refusal or "journal refuses writes"
 
     def extra_metrics(self) -> dict[str, tuple[str, str, float]]:
         """Backend-specific figures for /metrics: name -> ("counter"|"gauge", help, value)."""

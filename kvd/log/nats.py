@@ -222,7 +222,7 @@ class NatsJournal(FileJournal):
             return found
         last_first, last_last = await nats_stream.record_range(self._js, stream, where.last) if where.messages else (0, 0)
         if found is None and local > 0 and local == last_last:
-            last_line = (await self._js.get_msg(stream, where.last)).data.splitlines(keepends=True)[-1]
+            last_line = nats_stream.last_line((await self._js.get_msg(stream, where.last)).data)
             if decode_record(last_line).hash != self._durable_hash:
                 raise StreamMismatch(
                     f"record {local} in {self.directory} differs from the stream's: "
@@ -291,7 +291,7 @@ class NatsJournal(FileJournal):
             return  # delivered again after a reconnect
         records = []
         seq, prev = self._received_seq, self._received_hash
-        for line in data.splitlines(keepends=True):
+        for line in nats_stream.lines(data):
             try:
                 record = decode_record(line)
             except RecordError as exc:
@@ -327,7 +327,7 @@ class NatsJournal(FileJournal):
             if self._inflight is not None or self._outbox:
                 self._supersede()
             for record in records:
-                if self.ready_for_writes():
+                if self._caught_up:
                     self.on_note(record)
                 self._enqueue(record, None)
         self._message_ends[seq] = stream_seq
@@ -406,9 +406,6 @@ class NatsJournal(FileJournal):
         }
 
     # --- appending ---------------------------------------------------------------
-
-    def ready_for_writes(self) -> bool:
-        return self._caught_up
 
     @property
     def writable(self) -> bool:

@@ -28,7 +28,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from kvd.log.snapshot import TEMP_SUFFIX, fsync_directory, is_snapshot_name, snapshot_name
+from kvd.log.snapshot import TEMP_SUFFIX, fsync_directory, is_snapshot_name, snapshot_seq
 
 FIRST_SEQ_HEADER = "Kvd-First-Seq"
 LAST_SEQ_HEADER = "Kvd-Last-Seq"
@@ -155,7 +155,7 @@ async def list_snapshots(store: ObjectStore) -> list[SnapshotObject]:
     for info in infos:
         if info.deleted or not is_snapshot_name(info.name):
             continue
-        found.append(SnapshotObject(info.name, _seq_of(info.name), _stream_seq_of(info.description)))
+        found.append(SnapshotObject(info.name, snapshot_seq(Path(info.name)), _stream_seq_of(info.description)))
     return sorted(found, key=lambda item: item.seq)
 
 
@@ -175,12 +175,18 @@ async def upload_snapshot(store: ObjectStore, path: Path, stream_seq: int) -> No
     await store.put(path.name, data, meta=meta)
 
 
-def object_name(seq: int) -> str:
-    return snapshot_name(seq)
+def lines(data: bytes) -> list[bytes]:
+    """A message's journal lines, split at ``\n`` only and keeping it (a last piece without one stays)."""
+    parts = data.split(b"\n")
+    found = [part + b"\n" for part in parts[:-1]]
+    if parts[-1]:
+        found.append(parts[-1])
+    return found
 
 
-def _seq_of(name: str) -> int:
-    return int(name.split("-", 1)[1].split(".", 1)[0])
+def last_line(data: bytes) -> bytes:
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    return data[data.rfind(b"\n", 0, end) + 1 :]
 
 
 def _stream_seq_of(description: str | None) -> int:
