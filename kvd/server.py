@@ -73,6 +73,7 @@ def build_context(config: Config, plugins: pluggy.PluginManager | None = None) -
         "archive": config.journal.archive,
         "on_commit": store.apply,
         "on_restore": store.restore,
+        "on_replay_puts": store.replay_puts,
         "on_abort": store.abort_pending,
     }
     journal: FileJournal

@@ -26,6 +26,7 @@ def run(directory: Path, args: argparse.Namespace, config: Config) -> int:
             archive=config.journal.archive,
             on_commit=store.apply,
             on_restore=store.restore,
+            on_replay_puts=store.replay_puts,
         )
         try:
             journal.replay()

@@ -30,10 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvd.log import faults
-from kvd.log.format import GENESIS_HASH, Record, encode_record, format_ts, segment_name
+from kvd.log.format import (
+    GENESIS_HASH,
+    Record,
+    decode_record,
+    encode_record,
+    format_ts,
+    segment_name,
+)
 from kvd.log.history import ARCHIVE_DIR, History, Layout
 from kvd.log.journal import Journal, JournalStats, JournalUnavailable
 from kvd.log.reader import JournalReader, segment_first_seq, segments_from
+from kvd.log.simple_puts import SimplePut
 from kvd.log.snapshot import (
     TEMP_SUFFIX,
     SnapshotHeader,
@@ -88,12 +96,14 @@ class FileJournal(Journal):
         archive: bool = False,
         on_commit: Callable[[Record], None],
         on_restore: Callable[[list[tuple[str, Entry]]], None] = lambda batch: None,
+        on_replay_puts: Callable[[list[SimplePut]], None] | None = None,
         on_abort: Callable[[], None] = lambda: None,
         on_synced: Callable[[float, int, int], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(on_commit, on_abort)
         self.on_restore = on_restore
+        self.on_replay_puts = on_replay_puts  # None: replay passes every record to on_commit
         self.directory = Path(directory)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
@@ -149,10 +159,14 @@ class FileJournal(Journal):
         reader = JournalReader(segments=segments, start_seq=start_seq, start_hash=start_hash)
         total = sum(path.stat().st_size for path in segments)
         next_report = PROGRESS_EVERY_BYTES
-        for record in reader.records():
-            self.on_commit(record)
-            self.stats.records += 1
-            self._durable_ts = record.ts
+        on_puts = self.on_replay_puts
+        for item in reader.items(simple_puts=on_puts is not None):
+            if isinstance(item, Record):
+                self.on_commit(item)
+                self.stats.records += 1
+            else:
+                on_puts(item)  # type: ignore[misc]  # not None when simple puts are asked for
+                self.stats.records += len(item)
             if progress is not None and reader.bytes_read >= next_report:
                 progress(reader.bytes_read, total)
                 next_report += PROGRESS_EVERY_BYTES
@@ -166,6 +180,8 @@ class FileJournal(Journal):
                 file.truncate(torn.offset)
                 file.flush()
                 os.fsync(file.fileno())
+        if reader.last_line is not None:
+            self._durable_ts = decode_record(reader.last_line).ts
         self._durable_seq = reader.last_seq
         self._durable_hash = self._head_hash = reader.last_hash or start_hash
         self._next_seq = reader.last_seq + 1

@@ -46,6 +46,7 @@ from kvd.log.format import GENESIS_HASH, Record, RecordError, decode_record, for
 from kvd.log.journal import JournalStats, JournalUnavailable, StartupRefused, Superseded
 from kvd.log.nats_durability import durability_warnings
 from kvd.log.reader import list_segments
+from kvd.log.simple_puts import SimplePut
 from kvd.log.snapshot import list_snapshots, snapshot_name
 from kvd.model import Change, Entry
 
@@ -98,6 +99,7 @@ class NatsJournal(FileJournal):
         archive: bool = False,
         on_commit: Callable[[Record], None],
         on_restore: Callable[[list[tuple[str, Entry]]], None] = lambda batch: None,
+        on_replay_puts: Callable[[list[SimplePut]], None] | None = None,
         on_abort: Callable[[], None] = lambda: None,
         on_note: Callable[[Record], None] = lambda record: None,
         on_reset: Callable[[], None] = lambda: None,
@@ -107,7 +109,8 @@ class NatsJournal(FileJournal):
         # last whole record and the rest comes from the stream again.
         super().__init__(
             directory, fsync="no", segment_bytes=segment_bytes, archive=archive,
-            on_commit=on_commit, on_restore=on_restore, on_abort=on_abort, clock=clock,
+            on_commit=on_commit, on_restore=on_restore, on_replay_puts=on_replay_puts,
+            on_abort=on_abort, clock=clock,
         )
         self.settings = settings
         self.fsync_policy = fsync_policy  # what the operator asked for; compared with the stream's

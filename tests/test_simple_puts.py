@@ -1,0 +1,263 @@
+"""Start-up's fast path for simple puts (kvd/log/simple_puts.py) against the full decoder.
+
+The fast path may decline any line; what it must never do is accept a line
+the full decoder (``decode_record`` plus the chain checks) would reject, or
+decode one differently. These tests check that on generated records of every
+shape and on many mutated lines whose hashes were made valid again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import pytest
+
+from kvd.log import reader as reader_module
+from kvd.log.format import GENESIS_HASH, RecordError, decode_record, encode_record, segment_name
+from kvd.log.reader import JournalCorrupt, JournalReader
+from kvd.log.simple_puts import take_simple_puts
+from kvd.store import Store
+
+TS = "2026-11-27T21:05:23.741245Z"
+
+VALUES = [
+    b'"plain ascii value"', b'""', b'"caf\xc3\xa9 \xe2\x82\xac"', b'"tab\\there \\"quoted\\""',
+    b'"\\u0001"', b"0", b"-12", b"3.5", b"1e+100", b"12345678901234567890123",
+    b"-1234567890123456789", b"true", b"false", b"null", b"[]", b"{}", b'[1,"two",{"3":null}]',
+    b'{"a":{"b":[1,2,{"c":"},\\"prev\\":\\""}]}}', b'"},\\"prev\\":\\"' + b"0" * 64 + b'\\""',
+]
+KEYS = ["k1", "key-with.dots_and/slashes", "caf\u00e9", "\u20ac", 'q"uote', "back\\slash",
+        "ctl\u0001", '":', "sp ace", "", "x" * 300]
+
+
+def line_of(seq: int, prev: str, **fields) -> tuple[bytes, str]:
+    """One encoded line without its newline, and its hash."""
+    line, digest = encode_record(seq=seq, ts=TS, prev=prev, **fields)
+    return line[:-1], digest
+
+
+def full_decode(line: bytes, seq: int, prev: str) -> tuple[str, bytes, int] | None:
+    """What the full decoder makes of a line at ``seq`` after ``prev``: a simple put's
+    (key, value, seq), None for a valid record of another shape; raises RecordError."""
+    record = decode_record(line + b"\n")
+    if record.seq != seq or record.prev != prev:
+        raise RecordError("not the next record in the chain")
+    if (record.op != "put" or len(record.set) != 1 or record.expires or record.actor
+            or record.client is not None):
+        return None
+    ((key, value),) = record.set.items()
+    return key, value, record.seq
+
+
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("key", KEYS)
+def test_every_simple_put_decodes_as_the_full_decoder_does(key, value):
+    line, digest = line_of(7, "a" * 64, op="put", set_values={key: value})
+    puts, taken, last = take_simple_puts([line], 0, 7, "a" * 64)
+    assert full_decode(line, 7, "a" * 64) == (key, value, 7)
+    if taken:
+        assert puts == [(key, value, 7)] and last == digest
+    else:
+        assert puts == [] and last == "a" * 64
+
+
+def test_the_common_shapes_take_the_fast_path():
+    """Declining is always safe, but the point is speed: ordinary puts must be taken."""
+    lines, prev = [], GENESIS_HASH
+    for seq, (key, value) in enumerate(
+        [("k1", b'"v"'), ("user:42", b'{"name":"Ann","tags":["a","b"]}'), ("n", b"12"),
+         ("caf\u00e9", b'"caf\xc3\xa9"'), ("f", b"1.5"), ("l", b"[1,2,3]"), ("e", b'""')],
+        start=1,
+    ):
+        line, prev = line_of(seq, prev, op="put", set_values={key: value})
+        lines.append(line)
+    puts, taken, last = take_simple_puts(lines, 0, 1, GENESIS_HASH)
+    assert taken == len(lines) and last == prev
+    assert [put[2] for put in puts] == list(range(1, len(lines) + 1))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"op": "put", "set_values": {"a": b"1", "b": b"2"}},
+        {"op": "put", "set_values": {"a": b"1"}, "expires": {"a": 1_800_000_000.5}},
+        {"op": "put", "set_values": {"a": b"1"}, "actor": "alice"},
+        {"op": "put", "set_values": {"a": b"1"}, "client": "127.0.0.1"},
+        {"op": "put", "set_values": {"a": b'"x"'}, "client": "127.0.0.1"},
+        {"op": "put", "set_values": {}},
+        {"op": "delete", "keys": ["a"]},
+        {"op": "expire", "keys": ["a", "b"]},
+        {"op": "clear"},
+    ],
+)
+def test_other_shapes_are_declined(fields):
+    line, _ = line_of(3, "b" * 64, **fields)
+    assert full_decode(line, 3, "b" * 64) is None
+    assert take_simple_puts([line], 0, 3, "b" * 64) == ([], 0, "b" * 64)
+
+
+def test_a_line_out_of_the_chain_is_declined():
+    line, _ = line_of(5, "c" * 64, op="put", set_values={"a": b"1"})
+    assert take_simple_puts([line], 0, 5, "c" * 64)[1] == 1
+    assert take_simple_puts([line], 0, 6, "c" * 64)[1] == 0  # wrong seq
+    assert take_simple_puts([line], 0, 4, "c" * 64)[1] == 0
+    assert take_simple_puts([line], 0, 5, "d" * 64)[1] == 0  # wrong prev
+    damaged = line.replace(b'"a":1', b'"a":2')  # the hash no longer matches
+    assert take_simple_puts([damaged], 0, 5, "c" * 64)[1] == 0
+    assert take_simple_puts([line[:-1] + b"]"], 0, 5, "c" * 64)[1] == 0  # not the record's end
+    assert take_simple_puts([line + b" "], 0, 5, "c" * 64)[1] == 0
+
+
+def rehash(body: bytes) -> bytes:
+    """A line whose hash field is valid for ``body`` (what a forger or a buggy writer makes)."""
+    return body + b',"hash":"' + hashlib.sha256(body).hexdigest().encode() + b'"}'
+
+
+SET_AT = b'"op":"put","set":{'
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        b'"a"b":"',  # a raw quote in the key, and a value of one quote
+        b'"a\x01":1',  # a raw control character in the key
+        b'"a":"b\x01"',  # and in a string value
+        b'"a":"x","b":"y"',  # two keys
+        b'"a":1,"a":2',  # the same key twice
+        b'"a":"x"},"expires":{"a":"' + TS.encode() + b'"',  # an expiry after the value
+        b'"a":01',  # not JSON
+        b'"a":"x" ',  # whitespace
+        b'"a": "x"',
+        b'"a":1.50',  # not the compact form of its number
+        b'"a":"\xff"',  # not UTF-8
+    ],
+)
+def test_forged_lines_with_valid_hashes_are_declined(pair):
+    body = (b'{"v":1,"seq":4,"ts":"' + TS.encode() + b'",' + SET_AT + pair
+            + b'},"prev":"' + b"f" * 64 + b'"')
+    line = rehash(body)
+    # The full decoder rejects these, finds another shape, or (1.50) stores another
+    # form of the value: the fast path must leave every one of them to it.
+    assert take_simple_puts([line], 0, 4, "f" * 64) == ([], 0, "f" * 64)
+
+
+def test_mutated_lines_with_valid_hashes_are_never_misread():
+    """Random edits to simple puts, hashed again: whatever the fast path takes, the full
+    decoder must accept as the same simple put."""
+    rng = random.Random(20261128)
+    alphabet = b'{}[]":,\\0123456789abcdefprvhsetkyuT.-Z \x01\xc3\xa9'
+    prev = "e" * 64
+    checked = taken_count = 0
+    for round_ in range(6000):
+        key = rng.choice(KEYS)
+        value = rng.choice(VALUES)
+        seq = rng.choice([1, 9, 10, 99, 12345])
+        line, _ = line_of(seq, prev, op="put", set_values={key: value})
+        body = bytearray(line[: line.index(b',"hash":"')])
+        set_at = body.index(SET_AT) + len(SET_AT)
+        for _ in range(rng.randint(1, 3)):
+            # Half of the edits land in the key and value, where the slicing is subtle.
+            at = rng.randrange(set_at, len(body) - 70) if rng.random() < 0.5 else rng.randrange(len(body) + 1)
+            choice = rng.random()
+            if choice < 0.4 and at < len(body):
+                body[at] = rng.choice(alphabet)
+            elif choice < 0.7:
+                body[at:at] = bytes([rng.choice(alphabet)])
+            elif at < len(body):
+                del body[at : at + rng.randint(1, 4)]
+        mutated = rehash(bytes(body))
+        puts, taken, _ = take_simple_puts([mutated], 0, seq, prev)
+        if taken:
+            taken_count += 1
+            assert full_decode(mutated, seq, prev) == puts[0], (round_, mutated)
+        checked += 1
+    assert checked == 6000 and taken_count > 100  # some mutations stay valid simple puts
+
+
+def write_journal(directory, records: list[dict]) -> list[bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    lines, prev = [], GENESIS_HASH
+    for seq, fields in enumerate(records, start=1):
+        line, prev = encode_record(seq=seq, ts=TS, prev=prev, **fields)
+        lines.append(line)
+    (directory / segment_name(1)).write_bytes(b"".join(lines))
+    return lines
+
+
+def mixed_records(count: int) -> list[dict]:
+    rng = random.Random(7)
+    records = []
+    for index in range(count):
+        key = f"k{rng.randrange(50)}"
+        roll = rng.random()
+        if roll < 0.7:
+            records.append({"op": "put", "set_values": {key: json.dumps(index).encode()}})
+        elif roll < 0.8:
+            records.append({"op": "put", "set_values": {key: b'"e"'},
+                            "expires": {key: 1_900_000_000.0 + index}})
+        elif roll < 0.9:
+            records.append({"op": "put", "set_values": {key: b"1", f"{key}x": b"2"}})
+        elif roll < 0.98 or index > count - 500:
+            records.append({"op": "delete", "keys": [key]})
+        else:
+            records.append({"op": "clear"})
+    return records
+
+
+def replayed_store(directory, simple_puts: bool) -> Store:
+    store = Store()
+    for item in JournalReader(directory).items(simple_puts=simple_puts):
+        if isinstance(item, list):
+            store.replay_puts(item)
+        else:
+            store.apply(item)
+    store.finish_replay()
+    return store
+
+
+@pytest.mark.parametrize("block_bytes", [4096, 8 * 1024 * 1024])
+def test_replay_with_the_fast_path_builds_the_same_store(tmp_path, monkeypatch, block_bytes):
+    """Same entries, revisions, expiries, live bytes and expiry count as record by record,
+    also when blocks end in the middle of lines."""
+    monkeypatch.setattr(reader_module, "_BLOCK_BYTES", block_bytes)
+    write_journal(tmp_path, mixed_records(3000))
+    fast = replayed_store(tmp_path, simple_puts=True)
+    slow = replayed_store(tmp_path, simple_puts=False)
+    assert fast.committed_entries() == slow.committed_entries()
+    assert len(fast) > 10
+    assert fast.live_bytes == slow.live_bytes
+    assert fast._expiring == slow._expiring
+    assert sorted(fast._expiry_heap) == sorted(slow._expiry_heap)
+
+
+def test_damage_after_simple_puts_is_named_where_it_is(tmp_path, monkeypatch):
+    """The fast path declines the damaged line; the full decoder names it, at its offset."""
+    monkeypatch.setattr(reader_module, "_BLOCK_BYTES", 4096)
+    lines = write_journal(tmp_path, [{"op": "put", "set_values": {f"k{n}": b'"v"'}}
+                                     for n in range(200)])
+    offset = sum(map(len, lines[:150]))
+    data = bytearray((tmp_path / segment_name(1)).read_bytes())
+    data[offset + 60] ^= 0x01
+    (tmp_path / segment_name(1)).write_bytes(bytes(data))
+    reader = JournalReader(tmp_path)
+    seen = []
+    with pytest.raises(JournalCorrupt) as caught:
+        for item in reader.items():
+            seen.extend(put[2] for put in item) if isinstance(item, list) else seen.append(item.seq)
+    assert caught.value.offset == offset and caught.value.seq == 151
+    assert seen == list(range(1, 151))
+
+
+def test_a_torn_tail_after_simple_puts_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(reader_module, "_BLOCK_BYTES", 4096)
+    lines = write_journal(tmp_path, [{"op": "put", "set_values": {f"k{n}": b'"v"'}}
+                                     for n in range(100)])
+    path = tmp_path / segment_name(1)
+    path.write_bytes(path.read_bytes() + lines[0][:40])
+    reader = JournalReader(tmp_path)
+    count = sum(len(item) if isinstance(item, list) else 1 for item in reader.items())
+    assert count == 100 and reader.last_seq == 100
+    assert reader.torn_tail is not None and reader.torn_tail.offset == sum(map(len, lines))
+    assert reader.last_line == lines[-1]
