@@ -57,6 +57,27 @@ HEADER_ROOM = 1024  # bytes of max_payload left for headers
 KEEP_SNAPSHOTS = 2  # in the bucket, with archive off; the stream keeps the records after the older one
 
 
+PEER_SILENT_NS = 3_000_000_000  # a replica not heard from for this long counts as gone
+
+
+def stream_has_quorum(info) -> bool:  # noqa: ANN001 - nats.js.api.StreamInfo
+    """Whether the stream can confirm a write: a leader that hears from a majority.
+
+    A leader that just lost its peers still answers ``stream_info`` for a few
+    seconds, so an answer alone does not mean writes would be confirmed.
+    """
+    cluster = info.cluster
+    if cluster is None or not cluster.replicas:
+        return cluster is None or bool(cluster.leader)
+    if not cluster.leader:
+        return False
+    heard = sum(
+        1 for peer in cluster.replicas
+        if peer.current and not peer.offline and (peer.active or 0) < PEER_SILENT_NS
+    )
+    return heard + 1 > (len(cluster.replicas) + 1) // 2
+
+
 class StreamMismatch(StartupRefused):
     """The local copy and the stream disagree: start-up stops so nothing is mixed."""
 
@@ -548,10 +569,10 @@ class NatsJournal(FileJournal):
         while self._unconfirmed_since is not None and not self._closed:
             await asyncio.sleep(1.0)
             try:
-                await self._js.stream_info(self.settings.stream)
+                info = await self._js.stream_info(self.settings.stream)
             except (NatsError, TimeoutError, OSError):
                 continue
-            if self._inflight is None:
+            if self._inflight is None and stream_has_quorum(info):
                 self._unconfirmed_since = None
 
     def _fail_all_own(self, error: Exception) -> None:
