@@ -36,6 +36,21 @@ def test_round_trip_keeps_keys_values_revisions_and_expiry(tmp_path):
     assert entries == ENTRIES
 
 
+def test_sliced_entries_decode_as_the_json_decoder_does():
+    """Start-up slices common entry lines apart instead of parsing them; every key shape
+    must come back exactly as ``decode_entry`` (a JSON parse) reads it."""
+    keys = ["a", "", "k" * 300, 'q"', "b\\s", "c\u0001", '","r":5,"v":', "café", "☃", "x,y:z"]
+    values = [b'"v"', b"1", b'{"a":[1,{"b":null}]}', b'"\\u0000"', b"-0.5"]
+    lines = [
+        snapshot_module.encode_entry(key, Entry(value, revision, expiry))[:-1]
+        for key in keys for value in values
+        for revision, expiry in [(1, None), (123456789, None), (7, 1_900_000_000.5)]
+    ]
+    assert snapshot_module._decode_entries(lines) == [
+        snapshot_module.decode_entry(line) for line in lines
+    ]
+
+
 def test_entries_spanning_read_chunks_are_read_whole(tmp_path, monkeypatch):
     many = {f"key{i:05d}": Entry(b'"' + b"x" * (i % 50) + b'"', i + 1, None) for i in range(3000)}
     path = write(tmp_path, many)
