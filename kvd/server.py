@@ -132,7 +132,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         max_body_size=settings.max_body_bytes,
         max_header_size=settings.max_header_bytes,
         idle_connection_timeout=settings.idle_timeout,
-        body_timeout=settings.body_timeout,
+        # body_timeout is kvd's own (kvd.handlers.deadline): tornado's costs loop passes
     )
     try:
         sockets = bind_sockets(config.server.port, config.server.host, family=socket.AF_UNSPEC)

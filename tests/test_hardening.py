@@ -68,6 +68,22 @@ def test_slow_clients_are_cut_off_and_others_keep_being_served(kvd_process):
     assert server.request("GET", "/keys").json() == {}  # the partial body wrote nothing
 
 
+def test_a_body_slow_but_in_time_is_taken_on_both_write_paths(kvd_process):
+    """The body deadline (kvd.handlers.deadline) closes only late bodies: a body that
+    arrives in pieces within it is written, on the fast PUT path and through the handlers."""
+    server = kvd_process(env={"KVD_SERVER_BODY_TIMEOUT": "3"})
+    for path, body, key in ((b"/keys/slow", b'"value"', "slow"), (b"/keys", b'{"other":1}', "other")):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"PUT " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:3])
+        time.sleep(1.0)
+        sock.sendall(body[3:])
+        answer = sock.recv(4096)
+        sock.close()
+        assert answer.startswith((b"HTTP/1.1 201", b"HTTP/1.1 200")), answer
+        assert server.get_key(key).status == 200
+
+
 @pytest.mark.slow
 def test_oversized_request_head_is_refused_and_the_server_carries_on(kvd_process):
     server = kvd_process(env={"KVD_SERVER_MAX_HEADER_BYTES": "4096"})

@@ -11,6 +11,7 @@ from tornado.web import Application
 from kvd.app import AppContext, Route
 from kvd.handlers.admin import CompactHandler
 from kvd.handlers.base import NotFoundHandler
+from kvd.handlers.deadline import BodyDeadline, has_body
 from kvd.handlers.fast import (
     BodyTooLarge,
     FastKeyRead,
@@ -48,6 +49,12 @@ class KvdApplication(Application):
         self.writes: set[asyncio.Future[None]] = set()  # fast-path writes awaiting the journal
 
     def find_handler(self, request: httputil.HTTPServerRequest, **kwargs: Any) -> Any:
+        delegate = self._pick(request)
+        if has_body(request):
+            return BodyDeadline(delegate, request, self.ctx.config.server.body_timeout)
+        return delegate
+
+    def _pick(self, request: httputil.HTTPServerRequest) -> Any:
         if self.fast_paths and is_plain_key_read(self.ctx, request):
             return FastKeyRead(self, request)
         if declares_too_large_body(self.ctx, request):
