@@ -131,3 +131,53 @@ async def test_fast_write_path_answers_503_when_the_journal_refuses(http_client,
     assert json.loads(response.body)["error"]["code"] == "unavailable"
     assert "Retry-After" not in response.headers  # a failed fsync needs a restart
     assert harness.ctx.in_flight == 0
+
+
+@pytest.mark.gen_test
+async def test_concurrent_fast_writes_of_one_key_are_decided_in_journal_order(
+        http_client, base_url, app, harness):
+    """The fast PUT decides 201 vs 200 and answers from the journal's callback: of many
+    concurrent writes of a new key exactly one creates it, each answer's ETag is its own
+    record, and the value left is the one with the highest ETag."""
+    import asyncio
+
+    responses = await asyncio.gather(*[
+        http_client.fetch(base_url + "/keys/race", method="PUT", body=json.dumps(n).encode(),
+                          headers={"Content-Type": "application/json"})
+        for n in range(24)
+    ])
+    codes = sorted(response.code for response in responses)
+    assert codes == [200] * 23 + [201]
+    etags = {int(response.headers["ETag"].strip('"')): json.loads(response.body)["race"]
+             for response in responses}
+    assert len(etags) == 24
+    stored = await http_client.fetch(base_url + "/keys/race")
+    assert stored.headers["ETag"] == f'"{max(etags)}"'
+    assert json.loads(stored.body)["race"] == etags[max(etags)]
+    assert harness.ctx.in_flight == 0
+
+
+@pytest.mark.gen_test
+async def test_a_fast_write_the_disk_refuses_gets_503_and_the_next_one_succeeds(
+        http_client, base_url, app, harness, monkeypatch):
+    import errno
+
+    from kvd.log import file as file_journal
+
+    real_write = file_journal.os.write
+
+    def disk_full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_journal.os, "write", disk_full)
+    put = {"method": "PUT", "body": b'"v"', "headers": {"Content-Type": "application/json"},
+           "raise_error": False}
+    refused = await http_client.fetch(base_url + "/keys/k", **put)
+    assert refused.code == 503 and refused.headers.get("Retry-After") == "1"
+    assert json.loads(refused.body)["error"]["code"] == "unavailable"
+    assert harness.ctx.in_flight == 0
+    assert (await http_client.fetch(base_url + "/keys/k", raise_error=False)).code == 404
+    monkeypatch.setattr(file_journal.os, "write", real_write)
+    accepted = await http_client.fetch(base_url + "/keys/k", **put)
+    assert accepted.code == 201
+    assert [line["set"] for line in harness.journal_lines() if line["op"] == "put"] == [{"k": "v"}]

@@ -140,6 +140,79 @@ async def test_group_commit_shares_one_fsync_among_concurrent_writes(harness, mo
 
 
 @pytest.mark.gen_test
+async def test_the_next_batch_is_written_while_the_loop_is_busy(harness, monkeypatch):
+    """A batch queued while another is being made durable goes to the journal thread at
+    once: the thread writes it as soon as the first is durable, even while the loop is
+    too busy to notice (under load, a whole pass of other connections' I/O)."""
+    import time
+
+    synced_at: list[float] = []
+    first_in_fsync = threading.Event()
+    release_first = threading.Event()
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if not synced_at:
+            first_in_fsync.set()
+            release_first.wait(10)
+        real(fd)
+        synced_at.append(time.monotonic())
+
+    monkeypatch.setattr(file_journal.os, "fdatasync", fdatasync)
+    first = asyncio.ensure_future(harness.store.write(Change(op="put", set={"a": b"1"})))
+    while not first_in_fsync.is_set():
+        await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(harness.store.write(Change(op="put", set={"b": b"2"})))
+    await asyncio.sleep(0.01)  # the second batch is handed over in this loop pass
+    release_first.set()
+    busy_from = time.monotonic()
+    time.sleep(0.3)  # the loop is busy: it cannot see the first batch finish
+    busy_until = time.monotonic()
+    records = await asyncio.gather(first, second)
+    assert [record.seq for record in records] == [1, 2]
+    assert len(synced_at) == 2
+    assert busy_from < synced_at[1] < busy_until  # written and synced while the loop was busy
+
+
+@pytest.mark.gen_test
+async def test_a_batch_chained_to_a_failed_one_is_not_written(harness, monkeypatch):
+    """The first batch fails while the second is already on the journal thread: the second
+    was chained to the first, so it is skipped, both answer 503, and the next write
+    continues the chain from the last durable record."""
+    await harness.store.write(Change(op="put", set={"keep": b"1"}))
+    size_before = os.path.getsize(harness.journal._active_path)
+    writing = threading.Event()
+    fail_now = threading.Event()
+    real_write = file_journal.os.write
+    writes: list[bytes] = []
+
+    def failing_write(fd: int, data) -> int:  # noqa: ANN001
+        writes.append(bytes(data))
+        writing.set()
+        fail_now.wait(10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(file_journal.os, "write", failing_write)
+    first = asyncio.ensure_future(harness.store.write(Change(op="put", set={"a": b"1"})))
+    while not writing.is_set():
+        await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(harness.store.write(Change(op="put", set={"b": b"2"})))
+    await asyncio.sleep(0.01)
+    assert len(harness.journal._in_flight) == 2
+    fail_now.set()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(result, Unavailable) for result in results), results
+    assert len(writes) == 1  # the second batch never reached the file
+    assert os.path.getsize(harness.journal._active_path) == size_before
+    monkeypatch.setattr(file_journal.os, "write", real_write)
+    record = await harness.store.write(Change(op="put", set={"c": b"3"}))
+    assert record.seq == 2
+    seqs, reader = read_all(harness.data_dir)
+    assert seqs == [1, 2] and reader.torn_tail is None
+    assert harness.store.get("a") is None and harness.store.get("b") is None
+
+
+@pytest.mark.gen_test
 async def test_write_is_invisible_until_durable(harness, monkeypatch):
     release = threading.Event()
     real = os.fdatasync

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
@@ -36,7 +37,7 @@ from kvd.handlers.keys import (
     key_body,
     parse_json,
 )
-from kvd.log.format import OP_PUT
+from kvd.log.format import OP_PUT, Record
 from kvd.model import Change
 
 if TYPE_CHECKING:
@@ -154,30 +155,52 @@ class FastKeyWrite(FastKeyRead):
             self._fall_back(body)  # KeyHandler gives the 400/413 and its message
             return
         self.ctx.in_flight += 1  # until answered: SIGTERM drains it
-        task = asyncio.ensure_future(self._commit(key, value))
-        self.application.writes.add(task)
-        task.add_done_callback(self.application.writes.discard)
+        created = False
 
-    async def _commit(self, key: str, value: bytes) -> None:
-        try:
-            created = False
+        def prepare() -> Change:
+            # No await between the check and the append: 201 vs 200 is exact.
+            nonlocal created
+            created = self.ctx.store.current(key) is None
+            return Change(op=OP_PUT, set={key: value})
 
-            def prepare() -> Change:
-                # No await between the check and the append: 201 vs 200 is exact.
-                nonlocal created
-                created = self.ctx.store.current(key) is None
-                return Change(op=OP_PUT, set={key: value})
-
-            try:
-                record = await self.ctx.store.write(prepare)
-            except KvdError as exc:
-                headers = {"Content-Type": JSON_TYPE, **exc.headers}
-                self._answer(exc.status, error_body(exc.code, exc.message), headers)
-                return
-            self._answer(201 if created else 200, key_body(key, value),
-                         {"Content-Type": JSON_TYPE, "ETag": f'"{record.seq}"'})
-        finally:
+        def written(result: Record | KvdError) -> None:
             self.ctx.in_flight -= 1
+            if isinstance(result, KvdError):
+                self._answer_error(result)
+            else:
+                self._answer(201 if created else 200, key_body(key, value),
+                             {"Content-Type": JSON_TYPE, "ETag": f'"{result.seq}"'})
+
+        store = self.ctx.store
+        if not store.answers_in_place:
+            task = asyncio.ensure_future(self._commit(prepare, written))
+            self.application.writes.add(task)
+            task.add_done_callback(self.application.writes.discard)
+            return
+        try:
+            # Answered from the journal's callback, in the loop pass that
+            # applies the record: no task to start, no waiter to wake.
+            store.write_then(prepare, written)
+        except KvdError as exc:
+            written(exc)
+        except BaseException:
+            self.ctx.in_flight -= 1
+            raise
+
+    async def _commit(
+        self, prepare: Callable[[], Change], written: Callable[[Record | KvdError], None]
+    ) -> None:
+        """Where a write may be decided again (a shared journal): through ``Store.write``."""
+        try:
+            record = await self.ctx.store.write(prepare)
+        except KvdError as exc:
+            written(exc)
+        else:
+            written(record)
+
+    def _answer_error(self, exc: KvdError) -> None:
+        self._answer(exc.status, error_body(exc.code, exc.message),
+                     {"Content-Type": JSON_TYPE, **exc.headers})
 
     def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         connection = self.request.connection

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,10 @@ from kvd.model import Change, Entry
 log = logging.getLogger("kvd.journal")
 
 PROGRESS_EVERY_BYTES = 64 * 1024 * 1024
+MAX_IN_FLIGHT = 2  # batches handed to the journal thread at once
+
+
+Waiter = Callable[[Record | JournalUnavailable], None]
 
 
 @dataclass(slots=True)
@@ -62,6 +67,28 @@ class _Pending:
     line: bytes
     record: Record
     future: asyncio.Future[Record] | None  # None: nobody waits (a record another node wrote)
+    then: Waiter | None = None  # called in place instead of a future (``append_then``)
+
+    def resolve(self) -> None:
+        """The record is applied: tell whoever waits."""
+        if self.then is not None:
+            _call(self.then, self.record)
+        elif self.future is not None and not self.future.done():
+            self.future.set_result(self.record)
+
+    def fail(self, error: JournalUnavailable) -> None:
+        if self.then is not None:
+            _call(self.then, error)
+        elif self.future is not None and not self.future.done():
+            self.future.set_exception(error)
+
+
+def _call(then: Waiter, result: Record | JournalUnavailable) -> None:
+    """One waiter's failure must not keep the rest of its batch from their answers."""
+    try:
+        then(result)
+    except Exception:
+        log.exception("answering a write failed")
 
 
 def build_record(change: Change, seq: int, prev: str, ts: str) -> Record:
@@ -86,6 +113,8 @@ def build_record(change: Change, seq: int, prev: str, ts: str) -> Record:
 
 class FileJournal(Journal):
     """Append-only segment files ``<first seq>.jsonl`` in ``directory``."""
+
+    answers_in_place = True
 
     def __init__(
         self,
@@ -123,8 +152,14 @@ class FileJournal(Journal):
         self._next_seq = 1
         self._head_hash = GENESIS_HASH
         self._queue: list[_Pending] = []
-        self._writing: list[_Pending] = []  # the batch on the journal thread now
-        self._flushing = False
+        # Batches handed to the journal thread, oldest first. A second one is
+        # handed over while the first is being made durable, so the thread
+        # writes it as soon as the first is done, without waiting for the loop
+        # to see that (a whole loop pass under load).
+        self._in_flight: deque[list[_Pending]] = deque()
+        self._start_scheduled = False
+        self._chain_broken = False  # journal thread only: a write failed, skip the ones after it
+        self._flushing = False  # from the first queued record until nothing is queued or in flight
         self._flush_done: asyncio.Event | None = None
         self._refusal: str | None = None  # why writes are refused until restart
         self._unsynced = False
@@ -229,16 +264,28 @@ class FileJournal(Journal):
         self._enqueue(record, future)
         return future
 
-    def _enqueue(self, record: Record, future: asyncio.Future[Record] | None) -> None:
+    def append_then(self, change: Change, then: Waiter) -> None:
+        if self._closed:
+            raise JournalUnavailable("journal is closed")
+        if self._refusal is not None:
+            raise JournalUnavailable(self._refusal)
+        record = build_record(change, self._next_seq, self._head_hash, format_ts(self.clock()))
+        self._enqueue(record, None, then)
+
+    def _enqueue(
+        self, record: Record, future: asyncio.Future[Record] | None, then: Waiter | None = None
+    ) -> None:
         """Queue a built record for the next write (with everything queued this loop pass)."""
         self._next_seq = record.seq + 1
         self._head_hash = record.hash
-        self._queue.append(_Pending(record.line, record, future))
+        self._queue.append(_Pending(record.line, record, future, then))
         if not self._flushing:
-            # Started on the next loop pass, so every append of this pass
-            # joins the same write and fsync.
             self._flushing = True
             self._flush_done = asyncio.Event()
+        if not self._start_scheduled:
+            # Started on the next loop pass, so every append of this pass
+            # joins the same write and fsync.
+            self._start_scheduled = True
             asyncio.get_running_loop().call_soon(self._start_batch)
         if self.fsync == "everysec" and self._sync_task is None:
             self._sync_task = asyncio.get_running_loop().create_task(self._sync_every_second())
@@ -249,16 +296,23 @@ class FileJournal(Journal):
         Callbacks rather than a coroutine: each hop through the event loop
         costs a whole loop pass under load, and a write's answer waits for
         every hop between its append and its response.
+
+        Up to ``MAX_IN_FLIGHT`` batches are handed over; the journal thread
+        takes them in order. Not while a cut waits: a cut needs a quiet point.
         """
+        self._start_scheduled = False
+        if self._in_flight and (self._cut_callbacks or len(self._in_flight) >= MAX_IN_FLIGHT):
+            return  # _finish_batch starts it
         if self._cut_callbacks:
             self._cut_now()
         if not self._queue:
-            self._flushing = False
-            assert self._flush_done is not None
-            self._flush_done.set()
+            if not self._in_flight and self._flushing:
+                self._flushing = False
+                assert self._flush_done is not None
+                self._flush_done.set()
             return
         batch, self._queue = self._queue, []
-        self._writing = batch
+        self._in_flight.append(batch)
         data = b"".join(item.line for item in batch)
         loop = asyncio.get_running_loop()
         work = self._io.submit(self._write_batch, data, batch[0].record.seq)
@@ -268,7 +322,9 @@ class FileJournal(Journal):
 
     def _finish_batch(self, batch: list[_Pending], data: bytes, done: Future[float | None]) -> None:
         """On the loop: the batch is durable (or failed); answer its writers, start the next."""
-        self._writing = []
+        if not self._in_flight or self._in_flight[0] is not batch:
+            return  # failed already, with the earlier batch it was chained to
+        self._in_flight.popleft()
         error = done.exception()
         if error is not None:
             self._fail_pending(batch, error)
@@ -294,17 +350,18 @@ class FileJournal(Journal):
                 self._fail_pending(batch, exc)
             else:
                 for item in batch:
-                    if item.future is not None and not item.future.done():
-                        item.future.set_result(item.record)
+                    item.resolve()
                 self._batch_committed(batch)
                 if self.on_synced is not None and seconds is not None:
                     self.on_synced(seconds, len(batch), len(data))
         self._start_batch()
 
     def _fail_pending(self, batch: list[_Pending], exc: BaseException) -> None:
-        """Fail the batch and everything queued after it (chained to it)."""
-        failed = batch + self._queue
+        """Fail the batch and everything in flight or queued after it (chained to it)."""
+        failed = batch + [item for later in self._in_flight for item in later] + self._queue
+        self._in_flight.clear()
         self._queue = []
+        self._io.submit(self._mend_chain)  # after the skipped writes of the later batches
         self._next_seq = self._durable_seq + 1
         self._head_hash = self._durable_hash
         errno_ = getattr(exc, "errno", None) or errno.EIO
@@ -312,8 +369,12 @@ class FileJournal(Journal):
         log.error("journal write of seq %d.. failed: %s", batch[0].record.seq, exc)
         self.on_abort()
         for item in failed:
-            if item.future is not None and not item.future.done():
-                item.future.set_exception(JournalUnavailable(reason))
+            item.fail(JournalUnavailable(reason))
+
+    @property
+    def _writing(self) -> list[_Pending]:
+        """Every record handed to the journal thread and not yet applied."""
+        return [item for batch in self._in_flight for item in batch]
 
     def _batch_committed(self, batch: list[_Pending]) -> None:
         """After a batch is written and applied (a replicated journal tracks its position here)."""
@@ -321,6 +382,19 @@ class FileJournal(Journal):
     def _write_batch(self, data: bytes, first_seq: int) -> float | None:
         """Runs on the journal thread: write, and fsync under ``always``."""
         assert self._fd is not None
+        if self._chain_broken:
+            raise JournalUnavailable("an earlier write failed; this one was chained to it")
+        try:
+            return self._write_and_sync(data, first_seq)
+        except BaseException:
+            self._chain_broken = True
+            raise
+
+    def _mend_chain(self) -> None:
+        """Runs on the journal thread, after every write chained to a failed one was skipped."""
+        self._chain_broken = False
+
+    def _write_and_sync(self, data: bytes, first_seq: int) -> float | None:
         if self._active_size >= self.segment_bytes:
             self._roll_segment(first_seq)
         start_size = self._active_size
@@ -434,7 +508,7 @@ class FileJournal(Journal):
         holds only records up to ``seq``.
         """
         self._cut_callbacks.append(callback)
-        if not self._flushing:
+        if not self._in_flight and not self._start_scheduled:
             self._cut_now()
 
     def _cut_now(self) -> None:

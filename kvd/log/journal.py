@@ -57,6 +57,7 @@ class Journal(abc.ABC):
     """
 
     stats: JournalStats
+    answers_in_place = False  # whether ``append_then`` is offered
     cancellable_open = False  # whether ``open`` may be cancelled halfway (SIGTERM during start-up)
 
     def __init__(
@@ -105,6 +106,18 @@ class Journal(abc.ABC):
         Must be called on the event loop. Raises JournalUnavailable at once
         when writes are refused; the future fails with it if the write does.
         """
+
+    def append_then(
+        self, change: Change, then: Callable[[Record | JournalUnavailable], None]
+    ) -> None:
+        """Like ``append``, but call ``then`` with the record in the very loop pass that
+        applies it (or with the error): a future's waiter wakes one loop pass later,
+        which under load is a whole round of every other connection's I/O.
+
+        Only where ``answers_in_place`` is true: a journal that may supersede a
+        record (several writers) needs the write decided again instead.
+        """
+        raise NotImplementedError
 
     @property
     @abc.abstractmethod

@@ -110,6 +110,7 @@ class _Outgoing:
 
 class NatsJournal(FileJournal):
     cancellable_open = True  # it may wait for NATS for ever
+    answers_in_place = False  # a write another node supersedes is decided again (Store.write)
     def __init__(
         self,
         directory: Path,
