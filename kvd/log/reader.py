@@ -17,7 +17,7 @@ from pathlib import Path
 from kvd.log.format import GENESIS_HASH, SEGMENT_SUFFIX, Record, RecordError, decode_record
 from kvd.log.simple_puts import SimplePut, take_simple_puts
 
-_BLOCK_BYTES = 8 * 1024 * 1024  # read at a time; lines are split out of each block
+_BLOCK_BYTES = 1024 * 1024  # read at a time; lines are split out of each block
 
 
 class JournalCorrupt(Exception):
