@@ -171,9 +171,7 @@ class Store:
         """
         prepare = change if callable(change) else (lambda: change)
         while True:
-            built = prepare()
-            if built.op == OP_DELETE and any(self.current(key) is None for key in built.keys):
-                raise NotFound(f"key {built.keys[0]!r} not found")
+            built = self._prepared(prepare)
             try:
                 return await self._submit(built)
             except Superseded:
@@ -193,14 +191,19 @@ class Store:
         Only when ``answers_in_place``. Raises KvdError at once for what is
         refused at once (NotFound, Unavailable); ``then`` gets a later failure.
         """
-        change = prepare()
-        if change.op == OP_DELETE and any(self.current(key) is None for key in change.keys):
-            raise NotFound(f"key {change.keys[0]!r} not found")
+        change = self._prepared(prepare)
 
         def answer(result: Record | JournalUnavailable) -> None:
             then(self._unavailable(result) if isinstance(result, JournalUnavailable) else result)
 
         self._append(change, answer)
+
+    def _prepared(self, prepare: Callable[[], Change]) -> Change:
+        """The change ``prepare`` builds; NotFound for a delete of an absent key."""
+        change = prepare()
+        if change.op == OP_DELETE and any(self.current(key) is None for key in change.keys):
+            raise NotFound(f"key {change.keys[0]!r} not found")
+        return change
 
     def take_expired(self, limit: int) -> list[str]:
         """Up to ``limit`` keys whose expiry has passed, as writers see them.
