@@ -78,7 +78,7 @@ from urllib.parse import urlsplit
 import servers
 from make_journal import make_journal
 from run import machine_info, run_wrk
-from servers import BENCH_DIR, HOST, REPO_ROOT, VALUE, Options, Running, call
+from servers import BENCH_DIR, HOST, KVD_PATH_HELP, REPO_ROOT, VALUE, Options, Running, call
 
 P99_RATIO_TARGET = 3.0
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
@@ -264,8 +264,7 @@ def timeline(samples: Samples, origin: float) -> list[dict]:
 def start_kvd(run_dir: Path, opts: Options, timeout: float) -> tuple[Running, float]:
     """kvd on ``run_dir/store``, fsync always, automatic compaction held off; (server, seconds to ready)."""
     log = run_dir / "kvd.log"
-    env = servers.clean_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env = servers.kvd_env(opts)
     env["KVD_JOURNAL_COMPACT_CHECK_SECONDS"] = "100000"  # only the benchmark's POST compacts
     argv = [opts.python, "-m", "kvd", "serve", "--port", "0", "--data-dir", str(run_dir / "store"),
             "--fsync", "always", "--log-level", "info"]
@@ -459,6 +458,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds to wait for ready, and for the compaction's answer")
     parser.add_argument("--python", default=sys.executable, help="interpreter for kvd")
+    parser.add_argument("--kvd-path", type=Path, default=REPO_ROOT, help=KVD_PATH_HELP)
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--server-cpu", default="0", help="taskset CPU list for kvd (default 0)")
     parser.add_argument("--client-cpu", default="1", help="CPU list for wrk and this script's client (default 1)")
@@ -507,10 +507,10 @@ def _median(runs: list[dict], phase: str, keys: tuple[str, ...]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
-    opts = Options(python=args.python, pin=args.server_pin)
+    opts = Options(python=args.python, pin=args.server_pin, kvd_path=args.kvd_path.resolve())
     if args.client_pin:
         os.sched_setaffinity(0, _cpus(args.client_cpu))  # this script's client shares wrk's core
-    machine = machine_info(args.python)
+    machine = machine_info(args.python, opts.kvd_path)
     started = datetime.datetime.now(datetime.UTC)
     print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB, "
           f"Linux {machine['kernel']}, {machine['python']}, {machine['wrk']}; "

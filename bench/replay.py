@@ -42,7 +42,7 @@ import orjson
 import servers
 from make_journal import make_journal
 from run import machine_info
-from servers import BENCH_DIR, HOST, REPO_ROOT, Options, call
+from servers import BENCH_DIR, HOST, KVD_PATH_HELP, REPO_ROOT, Options, call
 
 REPLAY_TOOK = re.compile(rb"replay took ([0-9.]+)s")
 REPLAY_TARGET_S = 3.0  # per million records
@@ -70,8 +70,7 @@ def live_bytes(directory: Path) -> tuple[int, int]:
 def start_and_measure(data_dir: Path, opts: Options, timeout: float) -> dict:
     """Start kvd on ``data_dir/store``; time it to ready, read its memory, stop it."""
     log = data_dir / "kvd.log"
-    env = servers.clean_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env = servers.kvd_env(opts)
     argv = [opts.python, "-m", "kvd", "serve", "--port", "0", "--data-dir", str(data_dir / "store"),
             "--log-level", "info"]
     started = time.monotonic()
@@ -194,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="starts per journal (median)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--kvd-path", type=Path, default=REPO_ROOT, help=KVD_PATH_HELP)
     parser.add_argument("--no-pin", action="store_true", help="do not pin kvd to core 0")
     parser.add_argument("--work-dir", type=Path, help="where journals go (default: temp)")
     parser.add_argument("--no-snapshot", action="store_true",
@@ -203,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)
     key_counts = [int(part) for part in args.keys.split(",") if part.strip()]
     pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
-    opts = Options(python=args.python, pin=("taskset", "-c", "0") if pin else ())
+    opts = Options(python=args.python, pin=("taskset", "-c", "0") if pin else (),
+                   kvd_path=args.kvd_path.resolve())
 
-    machine = machine_info(args.python)
+    machine = machine_info(args.python, opts.kvd_path)
     print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB, "
           f"Linux {machine['kernel']}, {machine['python']}; kvd {machine['kvd_commit']}; "
           f"load average {machine['loadavg_start'][0]:.2f}")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import servers
-from servers import BENCH_DIR, REPO_ROOT, Options, Running, StartError
+from servers import BENCH_DIR, KVD_PATH_HELP, REPO_ROOT, Options, Running, StartError
 
 LUA_SCRIPT = BENCH_DIR / "wrk" / "kv.lua"
 WORKLOADS = ("put", "get", "mixed", "list")
@@ -293,7 +293,7 @@ def _first_line(argv: list[str]) -> str:
     return text.splitlines()[0] if text else "unavailable"
 
 
-def machine_info(python: str) -> dict:
+def machine_info(python: str, kvd_path: Path = REPO_ROOT) -> dict:
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -315,7 +315,7 @@ def machine_info(python: str) -> dict:
         "wrk": _first_line(["wrk", "-v"]).split(" Copyright")[0],
         "redis": _first_line(["redis-server", "--version"]) if shutil.which("redis-server") else None,
         "etcd": _first_line(["etcd", "--version"]) if shutil.which("etcd") else None,
-        "kvd_commit": _first_line(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),
+        "kvd_commit": _first_line(["git", "-C", str(kvd_path), "describe", "--always", "--dirty"]),
         "loadavg_start": os.getloadavg(),
     }
 
@@ -342,6 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--put-percent", type=int, default=10, help="writes in mixed (default 10)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for kvd and the Python servers (default: this one)")
+    parser.add_argument("--kvd-path", type=Path, default=REPO_ROOT, help=KVD_PATH_HELP)
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--server-cpu", default="0", help="taskset CPU list for servers (default 0)")
     parser.add_argument("--client-cpu", default="1", help="taskset CPU list for wrk (default 1)")
@@ -387,8 +388,9 @@ def _names(raw: str, known, parser: argparse.ArgumentParser, what: str) -> list[
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # the header before the progress lines on stderr
-    opts = Options(python=args.python, pin=args.server_pin, work_dir=args.work_dir)
-    machine = machine_info(args.python)
+    opts = Options(python=args.python, pin=args.server_pin, work_dir=args.work_dir,
+                   kvd_path=args.kvd_path.resolve())
+    machine = machine_info(args.python, opts.kvd_path)
     started = datetime.datetime.now(datetime.UTC)
     print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB, "
           f"Linux {machine['kernel']}, {machine['python']}, {machine['wrk']}")

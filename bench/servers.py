@@ -30,6 +30,7 @@ from urllib.parse import quote, urlsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+KVD_PATH_HELP = "a checkout whose kvd to run, e.g. a git worktree of another commit (default: this one)"
 LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 START_TIMEOUT = 60.0
 HOST = "127.0.0.1"
@@ -49,6 +50,7 @@ class Options:
     python: str = sys.executable
     pin: tuple[str, ...] = ()  # e.g. ("taskset", "-c", "0")
     work_dir: Path | None = None  # parent of the per-run data directories
+    kvd_path: Path = REPO_ROOT  # the checkout whose kvd runs (a worktree of another commit: before/after)
 
 
 @dataclass
@@ -205,6 +207,18 @@ def clean_env() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if not name.startswith("KVD_")}
 
 
+def kvd_env(opts: Options) -> dict[str, str]:
+    """``clean_env`` with ``opts.kvd_path`` first on PYTHONPATH.
+
+    That checkout's kvd runs, whichever environment the interpreter comes
+    from: kvd starts in its data directory, never in a checkout, so nothing
+    ahead of PYTHONPATH on ``sys.path`` can hold another kvd.
+    """
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(opts.kvd_path), env.get("PYTHONPATH")]))
+    return env
+
+
 # --- one launcher per server -------------------------------------------------------------
 
 
@@ -213,9 +227,7 @@ def start_kvd(data_dir: Path, opts: Options, *, fsync: str) -> Running:
 
     Logs at info level: the ``listening on`` and ``replay took`` lines are info.
     """
-    env = clean_env()
-    # The working tree's kvd, whichever environment the interpreter comes from.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env = kvd_env(opts)
     argv = [opts.python, "-m", "kvd", "serve", "--port", "0", "--data-dir", str(data_dir / "store"),
             "--fsync", fsync, "--log-level", "info"]
     # cwd is the run directory, where no config/kvd.toml exists: defaults only.

@@ -1,0 +1,36 @@
+"""bench --kvd-path: the benchmarks run the kvd of the checkout they are given.
+
+A before/after comparison starts the same interpreter on two checkouts; it
+is only worth anything if each server really imports its own checkout's kvd,
+also from an environment where another kvd is installed (editable).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import servers  # noqa: E402
+
+
+def imported_kvd(opts: servers.Options, cwd: Path) -> Path:
+    found = subprocess.run(
+        [sys.executable, "-c", "import kvd; print(kvd.__file__)"],
+        env=servers.kvd_env(opts), cwd=cwd, capture_output=True, text=True, check=True,
+    )
+    return Path(found.stdout.strip()).resolve()
+
+
+def test_a_server_imports_the_kvd_of_the_checkout_it_is_given(tmp_path):
+    other = tmp_path / "other-checkout"
+    (other / "kvd").mkdir(parents=True)
+    (other / "kvd" / "__init__.py").write_text("")
+    run_dir = tmp_path / "run"  # servers start in their data directory
+    run_dir.mkdir()
+    assert imported_kvd(servers.Options(kvd_path=other), run_dir) == other / "kvd" / "__init__.py"
+    assert imported_kvd(servers.Options(), run_dir) == (REPO / "kvd" / "__init__.py").resolve()
