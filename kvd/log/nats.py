@@ -29,10 +29,10 @@ import contextlib
 import heapq
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.errors import Error as NatsError
@@ -46,9 +46,8 @@ from kvd.log.format import GENESIS_HASH, Record, RecordError, decode_record, for
 from kvd.log.journal import JournalStats, JournalUnavailable, StartupRefused, Superseded
 from kvd.log.nats_durability import durability_warnings
 from kvd.log.reader import list_segments
-from kvd.log.simple_puts import SimplePut
 from kvd.log.snapshot import list_snapshots, snapshot_name
-from kvd.model import Change, Entry
+from kvd.model import Change
 
 log = logging.getLogger("kvd.journal")
 
@@ -111,29 +110,23 @@ class _Outgoing:
 class NatsJournal(FileJournal):
     cancellable_open = True  # it may wait for NATS for ever
     answers_in_place = False  # a write another node supersedes is decided again (Store.write)
+
     def __init__(
         self,
         directory: Path,
         *,
         settings: NatsConfig,
         fsync_policy: str = "always",
-        segment_bytes: int = 64 * 1024 * 1024,
-        archive: bool = False,
-        on_commit: Callable[[Record], None],
-        on_restore: Callable[[list[tuple[str, Entry]]], None] = lambda batch: None,
-        on_replay_puts: Callable[[list[SimplePut]], None] | None = None,
-        on_abort: Callable[[], None] = lambda: None,
         on_note: Callable[[Record], None] = lambda record: None,
         on_reset: Callable[[], None] = lambda: None,
-        clock: Callable[[], float] = time.time,
+        **local_copy: Any,
     ) -> None:
-        # The local copy needs no fsync: after a crash it is cut back to its
-        # last whole record and the rest comes from the stream again.
-        super().__init__(
-            directory, fsync="no", segment_bytes=segment_bytes, archive=archive,
-            on_commit=on_commit, on_restore=on_restore, on_replay_puts=on_replay_puts,
-            on_abort=on_abort, clock=clock,
-        )
+        """``local_copy``: FileJournal's settings and callbacks, for the copy in ``directory``.
+
+        The local copy needs no fsync: after a crash it is cut back to its
+        last whole record and the rest comes from the stream again.
+        """
+        super().__init__(directory, fsync="no", **local_copy)
         self.settings = settings
         self.fsync_policy = fsync_policy  # what the operator asked for; compared with the stream's
         self.on_note = on_note
