@@ -1,16 +1,19 @@
 """The in-memory state, kept in step with the journal.
 
 Two views of the data:
-- the committed view (``_entries`` and the sorted ``_index``) holds only
-  records the journal has made durable; every read uses it, so a write is
-  visible only once it is durable;
+- the committed view (``_packed``, ``_expiry`` and the sorted ``_index``)
+  holds only records the journal has made durable; every read uses it, so a
+  write is visible only once it is durable;
 - the writers' view adds the changes queued in the journal but not yet
   durable (``_pending``), so validations, deletes of just-written keys and
   expiry sweeps decide against the latest state, in journal order.
 
-Memory: one Entry per live key (the value as compact JSON bytes, not parsed
-objects), the key in a sorted list for listings, and one pending entry per
-key with a write in flight. All methods run on the event loop, except
+Memory: one bytes object per live key, its value as compact JSON followed by
+its revision (``_pack``): an Entry, a bytes and an int would cost about 80
+bytes a key more, which at a million keys is most of the overhead. Entries
+are built when read. Keys with an expiry have it in ``_expiry``; every key
+is in a sorted list for listings; one pending Entry per key with a write in
+flight. All methods run on the event loop, except
 ``apply`` during replay, which runs before the store reports ready.
 """
 
@@ -19,19 +22,35 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from operator import add
 
 from sortedcontainers import SortedList
 
 from kvd.errors import KvdError, NotFound, Unavailable
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_EXPIRE, OP_PUT, Record, format_ts, parse_ts
 from kvd.log.journal import Journal, JournalUnavailable, Superseded
-from kvd.log.simple_puts import SimplePut
+from kvd.log.simple_puts import SimplePuts
+from kvd.log.snapshot import EntryBatch
 from kvd.model import Change, Entry, KeyFilter
 
-_CLEARED = object()  # a pending clear: keys not written since read as absent
+_REVISION = struct.Struct("<Q")  # after the value in each packed entry
+_REVISION_BYTES = _REVISION.size
+
+
+def _pack(value: bytes, revision: int) -> bytes:
+    return value + _REVISION.pack(revision)
+
+
+def _unpack(packed: bytes, expires_at: float | None) -> Entry:
+    return Entry(
+        packed[:-_REVISION_BYTES],
+        _REVISION.unpack_from(packed, len(packed) - _REVISION_BYTES)[0],
+        expires_at,
+    )
 
 
 class Store:
@@ -40,7 +59,8 @@ class Store:
         self.journal: Journal | None = None
         self.ready = False
         self.observers: list[Callable[[Record], None]] = []
-        self._entries: dict[str, Entry] = {}
+        self._packed: dict[str, bytes] = {}  # key -> value + revision (_pack)
+        self._expiry: dict[str, float] = {}  # committed keys that have an expiry
         self._index: SortedList = SortedList()
         self._pending: dict[str, tuple[int, Entry | None]] = {}
         self._pending_clear: int | None = None  # ordinal of the newest queued clear
@@ -49,55 +69,73 @@ class Store:
         # (expires_at, key) of committed entries with an expiry; stale items
         # (key since rewritten or removed) are skipped when they surface.
         self._expiry_heap: list[tuple[float, str]] = []
-        self._expiring = 0  # committed entries that have an expiry
-        self.live_bytes = 0  # keys + values of committed entries, in bytes
+        self.live_bytes = 0  # keys + values of committed entries, in bytes (counted at finish_replay)
 
     def attach(self, journal: Journal) -> None:
         self.journal = journal
 
-    def restore(self, batch: list[tuple[str, Entry]]) -> None:
+    def restore(self, batch: EntryBatch) -> None:
         """Load entries of a snapshot (start-up only, before any record is applied)."""
-        entries = self._entries
-        entries.update(batch)
-        self.live_bytes += sum(
-            (len(key) if key.isascii() else len(key.encode())) + len(entry.value)
-            for key, entry in batch
-        )
-        self._expiring += sum(1 for _, entry in batch if entry.expires_at is not None)
+        packed = map(add, batch.values, map(_REVISION.pack, batch.revisions))
+        self._packed.update(zip(batch.keys, packed, strict=True))
+        if batch.expiries is not None:
+            expiry = self._expiry
+            for key, expires_at in zip(batch.keys, batch.expiries, strict=True):
+                if expires_at is None:
+                    expiry.pop(key, None)
+                else:
+                    expiry[key] = expires_at
 
     def committed_entries(self) -> dict[str, Entry]:
-        """The committed view itself (read-only for callers)."""
-        return self._entries
+        """A copy of the committed view as Entries (for tools and tests: it builds one per key)."""
+        expiry = self._expiry
+        return {key: _unpack(packed, expiry.get(key)) for key, packed in self._packed.items()}
 
-    def snapshot_view(self) -> tuple[list[str], dict[str, Entry]]:
-        """A consistent copy of the committed state: keys in order and their entries.
+    def snapshot_view(self) -> Iterator[tuple[str, Entry]]:
+        """A consistent copy of the committed state, to iterate in key order later.
 
-        Shallow copies are enough: ``apply`` replaces entries, never changes
-        one in place. Taken on the loop (about 0.2 s for 1M keys), so it serves
+        Shallow copies are enough: ``apply`` replaces packed values, never
+        changes one. Taken on the loop (about 0.2 s for 1M keys), so it serves
         only where a forked snapshot writer is not available.
         """
-        return list(self._index), dict(self._entries)
+        keys, packed, expiry = list(self._index), dict(self._packed), dict(self._expiry)
+        return ((key, _unpack(packed[key], expiry.get(key))) for key in keys)
 
     def ordered_items(self) -> Iterator[tuple[str, Entry]]:
         """Committed entries in key order (for a snapshot writer that owns a copy of the store)."""
-        entries = self._entries
+        packed, expiry = self._packed, self._expiry
         for key in self._index:
-            yield key, entries[key]
+            yield key, _unpack(packed[key], expiry.get(key))
 
     def finish_replay(self) -> None:
-        """Build the sorted index once (replay skips it: one sort beats a million inserts)."""
-        self._index = SortedList(self._entries)
+        """Build the sorted index once (replay skips it: one sort beats a million inserts)
+        and count the live bytes (replay skips that too)."""
+        self._index = SortedList(self._packed)
         self._rebuild_expiry_heap()
+        keys = "".join(self._packed)
+        self.live_bytes = (
+            (len(keys) if keys.isascii() else len(keys.encode()))
+            + sum(map(len, self._packed.values()))
+            - _REVISION_BYTES * len(self._packed)
+        )
         self.ready = True
 
     # --- reads (committed view) --------------------------------------------
 
     def get(self, key: str) -> Entry | None:
         """The key's durable entry, or None when absent or expired."""
-        entry = self._entries.get(key)
-        if entry is None or (entry.expires_at is not None and entry.expires_at <= self.clock()):
+        packed = self._packed.get(key)
+        if packed is None:
             return None
-        return entry
+        expires_at = self._expiry.get(key) if self._expiry else None
+        if expires_at is not None and expires_at <= self.clock():
+            return None
+        return _unpack(packed, expires_at)
+
+    def _committed(self, key: str) -> Entry | None:
+        """The key's durable entry, expired or not."""
+        packed = self._packed.get(key)
+        return None if packed is None else _unpack(packed, self._expiry.get(key))
 
     def scan(
         self, key_filter: KeyFilter | None = None, *, after: str | None = None, batch: int = 1000
@@ -122,12 +160,16 @@ class Store:
                 return
             now = self.clock()
             found = []
+            packed, expiry = self._packed, self._expiry
             for key in keys:
                 if match is not None and not match(key):
                     continue
-                entry = self._entries.get(key)
-                if entry is not None and not entry.expired(now):
-                    found.append((key, entry))
+                value = packed.get(key)
+                if value is None:
+                    continue
+                expires_at = expiry.get(key) if expiry else None
+                if expires_at is None or expires_at > now:
+                    found.append((key, _unpack(value, expires_at)))
             if found:
                 yield found
             if len(keys) < batch:
@@ -135,7 +177,7 @@ class Store:
             lower, inclusive_lower = keys[-1], False
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._packed)
 
     # --- writes (writers' view) --------------------------------------------
 
@@ -147,7 +189,7 @@ class Store:
         elif self._pending_clear is not None:
             entry = None
         else:
-            entry = self._entries.get(key)
+            entry = self._committed(key)
         if entry is None or entry.expired(self.clock()):
             return None
         return entry
@@ -224,9 +266,9 @@ class Store:
     def return_expired(self, keys: list[str]) -> None:
         """Put back keys from ``take_expired`` whose removal was not journaled."""
         for key in keys:
-            entry = self._entries.get(key)
-            if entry is not None and entry.expires_at is not None:
-                heapq.heappush(self._expiry_heap, (entry.expires_at, key))
+            expires_at = self._expiry.get(key)
+            if expires_at is not None:
+                heapq.heappush(self._expiry_heap, (expires_at, key))
 
     def next_expiry(self) -> float | None:
         """The earliest expiry time still to be swept, if any."""
@@ -239,7 +281,7 @@ class Store:
             return pending[1]
         if self._pending_clear is not None:
             return None
-        return self._entries.get(key)
+        return self._committed(key)
 
     async def _submit(self, change: Change) -> Record:
         future = self._append(change)
@@ -305,40 +347,39 @@ class Store:
 
     def apply(self, record: Record) -> None:
         """Make a durable record visible; the journal calls this in seq order."""
-        entries = self._entries
+        packed, expiry = self._packed, self._expiry
         if record.op == OP_PUT:
             expires = record.expires
             for key, value in record.set.items():
-                old = entries.get(key)
+                old = packed.get(key)
                 if old is None:
                     if self.ready:
                         self._index.add(key)
                     self.live_bytes += len(key.encode()) + len(value)
                 else:
-                    self.live_bytes += len(value) - len(old.value)
-                    if old.expires_at is not None:
-                        self._expiring -= 1
+                    self.live_bytes += len(value) - (len(old) - _REVISION_BYTES)
+                packed[key] = _pack(value, record.seq)
                 expires_at = expires.get(key)
-                entries[key] = Entry(value, record.seq, expires_at)
-                if expires_at is not None:
-                    self._expiring += 1
+                if expires_at is None:
+                    expiry.pop(key, None)
+                else:
+                    expiry[key] = expires_at
                     heapq.heappush(self._expiry_heap, (expires_at, key))
         elif record.op in (OP_DELETE, OP_EXPIRE):
             for key in record.keys:
-                old = entries.pop(key, None)
+                old = packed.pop(key, None)
                 if old is not None:
                     if self.ready:
                         self._index.remove(key)
-                    self.live_bytes -= len(key.encode()) + len(old.value)
-                    if old.expires_at is not None:
-                        self._expiring -= 1
+                    self.live_bytes -= len(key.encode()) + len(old) - _REVISION_BYTES
+                    expiry.pop(key, None)
         elif record.op == OP_CLEAR:
-            entries.clear()
+            packed.clear()
+            expiry.clear()
             self._index.clear()
             self.live_bytes = 0
-            self._expiring = 0
             self._expiry_heap.clear()
-        if len(self._expiry_heap) > 2 * self._expiring + 1024:
+        if len(self._expiry_heap) > 2 * len(expiry) + 1024:
             self._rebuild_expiry_heap()
         if self._pending_order:
             self._settle_pending(record)
@@ -346,26 +387,19 @@ class Store:
             for observe in self.observers:
                 observe(record)
 
-    def replay_puts(self, puts: list[SimplePut]) -> None:
+    def replay_puts(self, puts: SimplePuts) -> None:
         """Apply a run of simple puts (one key, no expiry) read at start-up.
 
         The same as ``apply`` on their records, without building them: replay
-        of a large journal is mostly these (start-up only, before ready).
+        of a large journal is mostly these (start-up only, before ready, so
+        neither the index nor the live bytes are kept up: ``finish_replay``).
         """
-        entries = self._entries
-        live_bytes = self.live_bytes
-        lost_expiry = 0
-        for key, value, seq in puts:
-            old = entries.get(key)
-            if old is None:
-                live_bytes += (len(key) if key.isascii() else len(key.encode())) + len(value)
-            else:
-                live_bytes += len(value) - len(old.value)
-                if old.expires_at is not None:
-                    lost_expiry += 1
-            entries[key] = Entry(value, seq)
-        self.live_bytes = live_bytes
-        self._expiring -= lost_expiry
+        keys = puts.keys
+        if self._expiry:
+            for key in self._expiry.keys() & keys:
+                del self._expiry[key]
+        revisions = map(_REVISION.pack, range(puts.first_seq, puts.first_seq + len(keys)))
+        self._packed.update(zip(keys, map(add, puts.values, revisions), strict=True))
 
     def _settle_pending(self, record: Record) -> None:
         """Drop pending entries whose newest queued write is this record."""
@@ -381,20 +415,16 @@ class Store:
 
     def _rebuild_expiry_heap(self) -> None:
         """Drop stale heap items so rewrites of expiring keys cannot grow it without bound."""
-        self._expiry_heap = [
-            (entry.expires_at, key)
-            for key, entry in self._entries.items()
-            if entry.expires_at is not None
-        ]
+        self._expiry_heap = [(expires_at, key) for key, expires_at in self._expiry.items()]
         heapq.heapify(self._expiry_heap)
 
     def reset(self) -> None:
         """Forget everything loaded (start-up only: a replicated journal replaces a stale local copy)."""
         assert not self.ready and not self._pending
-        self._entries = {}
+        self._packed = {}
+        self._expiry = {}
         self._index = SortedList()
         self._expiry_heap = []
-        self._expiring = 0
         self.live_bytes = 0
 
     def abort_pending(self) -> None:

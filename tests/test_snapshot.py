@@ -37,7 +37,7 @@ def test_round_trip_keeps_keys_values_revisions_and_expiry(tmp_path):
 
 
 def test_sliced_entries_decode_as_the_json_decoder_does():
-    """Start-up slices common entry lines apart instead of parsing them; every key shape
+    """Start-up splits common entry lines apart instead of parsing them; every key shape
     must come back exactly as ``decode_entry`` (a JSON parse) reads it."""
     keys = ["a", "", "k" * 300, 'q"', "b\\s", "c\u0001", '","r":5,"v":', "café", "☃", "x,y:z"]
     values = [b'"v"', b"1", b'{"a":[1,{"b":null}]}', b'"\\u0000"', b"-0.5"]
@@ -49,6 +49,12 @@ def test_sliced_entries_decode_as_the_json_decoder_does():
     assert snapshot_module._decode_entries(lines) == [
         snapshot_module.decode_entry(line) for line in lines
     ]
+    # And split out of a whole chunk by the pattern (escaped keys left to the line decoder).
+    chunk = snapshot_module._decode_chunk(b"".join(line + b"\n" for line in lines))
+    assert sorted(map(repr, chunk.entries())) == sorted(
+        repr(snapshot_module.decode_entry(line)) for line in lines
+    )
+    assert len(chunk) == len(lines)
 
 
 def test_entries_spanning_read_chunks_are_read_whole(tmp_path, monkeypatch):

@@ -124,8 +124,7 @@ class Compactor:
             if writer is None:
                 return self._report(header, 0, bytes_before, started)
             if not isinstance(writer, int):
-                keys, entries = writer
-                await self.journal.write_snapshot(header, ((key, entries[key]) for key in keys))
+                await self.journal.write_snapshot(header, writer)
             retired, _ = await self.journal.retire(header.seq)
             faults.crash_point("compaction-done")
             self.journal.stats.bytes += _size(self.journal.directory, header.seq)

@@ -42,16 +42,17 @@ from kvd.log.format import (
 from kvd.log.history import ARCHIVE_DIR, History, Layout
 from kvd.log.journal import Journal, JournalStats, JournalUnavailable
 from kvd.log.reader import JournalReader, segment_first_seq, segments_from
-from kvd.log.simple_puts import SimplePut
+from kvd.log.simple_puts import SimplePuts
 from kvd.log.snapshot import (
     TEMP_SUFFIX,
+    EntryBatch,
     SnapshotHeader,
     fsync_directory,
     read_snapshot_batches,
     snapshot_seq,
     write_snapshot,
 )
-from kvd.model import Change, Entry
+from kvd.model import Change
 
 log = logging.getLogger("kvd.journal")
 
@@ -124,8 +125,8 @@ class FileJournal(Journal):
         segment_bytes: int = 64 * 1024 * 1024,
         archive: bool = False,
         on_commit: Callable[[Record], None],
-        on_restore: Callable[[list[tuple[str, Entry]]], None] = lambda batch: None,
-        on_replay_puts: Callable[[list[SimplePut]], None] | None = None,
+        on_restore: Callable[[EntryBatch], None] = lambda batch: None,
+        on_replay_puts: Callable[[SimplePuts], None] | None = None,
         on_abort: Callable[[], None] = lambda: None,
         on_synced: Callable[[float, int, int], None] | None = None,
         clock: Callable[[], float] = time.time,

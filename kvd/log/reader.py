@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvd.log.format import GENESIS_HASH, SEGMENT_SUFFIX, Record, RecordError, decode_record
-from kvd.log.simple_puts import SimplePut, take_simple_puts
+from kvd.log.simple_puts import Run, SimplePuts, check_run, split_block
 
 _BLOCK_BYTES = 1024 * 1024  # read at a time; lines are split out of each block
 
@@ -102,13 +102,13 @@ class JournalReader:
         """Every record, fully decoded (what the audit tools and the history need)."""
         yield from self.items(simple_puts=False)  # type: ignore[misc]  # Records only
 
-    def items(self, *, simple_puts: bool = True) -> Iterator[Record | list[SimplePut]]:
-        """Records, with runs of simple puts as lists of ``(key, value, seq)``.
+    def items(self, *, simple_puts: bool = True) -> Iterator[Record | SimplePuts]:
+        """Records, with runs of simple puts as ``SimplePuts``.
 
         Start-up replay takes this form: a simple put needs no Record, and
-        recognising it by its bytes is several times faster than decoding it
-        (``simple_puts.py``). Every check still runs: a line the fast path
-        declines is decoded in full.
+        recognising a block of them by their bytes is several times faster
+        than decoding each (``simple_puts.py``). Every check still runs: a
+        run the fast path declines is decoded in full, line by line.
         """
         for index, path in enumerate(self.segments):
             is_last = index == len(self.segments) - 1
@@ -116,41 +116,48 @@ class JournalReader:
 
     def _read_segment(
         self, path: Path, is_last: bool, simple_puts: bool
-    ) -> Iterator[Record | list[SimplePut]]:
+    ) -> Iterator[Record | SimplePuts]:
         offset = 0
         with open(path, "rb") as file:
             carry = b""  # an unterminated line at the end of the last block
             while block := file.read(_BLOCK_BYTES):
-                lines = (carry + block).split(b"\n")
-                carry = lines.pop()
-                index = 0
-                while index < len(lines):
-                    if simple_puts and self.last_hash is not None and self.last_seq >= self.start_seq - 1:
-                        puts, taken, self.last_hash = take_simple_puts(
-                            lines, index, self.last_seq + 1, self.last_hash
-                        )
-                        if puts:
-                            size = sum(map(len, lines[index:taken])) + len(puts)
-                            offset += size
-                            self.bytes_read += size
-                            self.last_seq += len(puts)
-                            index = taken
-                            self.last_line = lines[taken - 1] + b"\n"
+                data = carry + block
+                end = data.rfind(b"\n") + 1
+                whole, carry = data[:end], data[end:]
+                for piece in split_block(whole) if simple_puts else [whole]:
+                    if isinstance(piece, Run):
+                        puts = self._take(piece)
+                        if puts is not None:
+                            offset += piece.size
+                            self.bytes_read += piece.size
                             yield puts
                             continue
-                    line = lines[index]
-                    if line[:1] != b"{" and _is_padding(line):
-                        rest = b"\n".join(lines[index:]) + b"\n" + carry + file.read()
-                        self._stop_at(path, offset, rest, is_last)
-                        return
-                    record = self._check(path, offset, line + b"\n")
-                    offset += len(record.line)
-                    self.bytes_read += len(record.line)
-                    index += 1
-                    if record.seq >= self.start_seq:
-                        yield record
+                        lines = piece.lines()
+                    else:
+                        lines = [line + b"\n" for line in piece.split(b"\n")[:-1]]
+                    for line in lines:
+                        if line[:1] != b"{" and _is_padding(line):
+                            file.seek(offset)
+                            self._stop_at(path, offset, file.read(), is_last)
+                            return
+                        record = self._check(path, offset, line)
+                        offset += len(line)
+                        self.bytes_read += len(line)
+                        if record.seq >= self.start_seq:
+                            yield record
             if carry:
                 self._stop_at(path, offset, carry, is_last)
+
+    def _take(self, run: Run) -> SimplePuts | None:
+        """The run as checked simple puts, when it continues the chain from a known record."""
+        if self.last_hash is None or self.last_seq < self.start_seq - 1:
+            return None  # records before start_seq, or the link back is not known
+        puts = check_run(run, self.last_seq + 1, self.last_hash)
+        if puts is not None:
+            self.last_seq += len(puts)
+            self.last_hash = run.hashes[-1].decode()
+            self.last_line = run.last_line()
+        return puts
 
     def _check(self, path: Path, offset: int, line: bytes) -> Record:
         """Decode one line in full and check its place in the chain."""
