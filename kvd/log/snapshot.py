@@ -34,7 +34,7 @@ SNAPSHOT_SUFFIX = ".jsonl"
 TEMP_SUFFIX = ".tmp"
 _VALUE_SEPARATOR = b',"v":'
 _TRAILER_START = b'\n{"end":'  # entry lines start {"k":, and keys cannot hold a raw newline
-CHUNK_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
 # An entry line whose key holds nothing JSON escapes (almost every one): its
 # fields are split out of a whole chunk at once, in C. ^ keeps matches to
 # whole lines, whatever a value holds.
