@@ -139,8 +139,11 @@ class Store:
 
     def scan(
         self, key_filter: KeyFilter | None = None, *, after: str | None = None, batch: int = 1000
-    ) -> Iterator[list[tuple[str, Entry]]]:
-        """Live entries in key order, in batches, resuming after the last key seen.
+    ) -> Iterator[list[tuple[str, bytes]]]:
+        """Live keys and their values in key order, in batches, resuming after the last key seen.
+
+        Values only, not Entries: a listing needs nothing else, and building
+        an Entry per key costs a large listing about a fifth of its speed.
 
         Each batch is taken afresh from the index, so the store may change
         between batches; a key that exists throughout is yielded exactly once.
@@ -169,7 +172,7 @@ class Store:
                     continue
                 expires_at = expiry.get(key) if expiry else None
                 if expires_at is None or expires_at > now:
-                    found.append((key, _unpack(value, expires_at)))
+                    found.append((key, value[:-_REVISION_BYTES]))
             if found:
                 yield found
             if len(keys) < batch:

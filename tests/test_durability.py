@@ -76,9 +76,9 @@ def journal_files(data_dir: Path) -> dict[str, bytes]:
 def store_state(harness: Any) -> dict[str, Any]:
     """What the in-process store holds, as parsed JSON."""
     return {
-        key: json.loads(entry.value)
+        key: json.loads(value)
         for batch in harness.store.scan()
-        for key, entry in batch
+        for key, value in batch
     }
 
 

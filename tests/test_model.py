@@ -304,8 +304,8 @@ class StoreMachine(RuleBasedStateMachine):
             want = visible.get(key)
             assert entry == want, (key, entry, want)
             assert store.current(key) == want  # no write in flight: the writers' view agrees
-        listed = [(key, entry) for batch in store.scan(batch=3) for key, entry in batch]
-        assert listed == sorted(visible.items())
+        listed = [pair for batch in store.scan(batch=3) for pair in batch]
+        assert listed == [(key, entry.value) for key, entry in sorted(visible.items())]
 
 
 TestStoreMatchesADictModel = StoreMachine.TestCase

@@ -106,13 +106,13 @@ class PastState:
     """The time asked for, or that record's time; keys expired by then are left out."""
     entries: dict[str, Entry]
 
-    def listing(self, key_filter: KeyFilter | None) -> list[tuple[str, Entry]]:
-        """Its entries sorted by key (code point order), only those ``key_filter`` matches."""
+    def listing(self, key_filter: KeyFilter | None) -> list[tuple[str, bytes]]:
+        """Its keys and values sorted by key (code point order), only those ``key_filter`` matches."""
         keys = sorted(self.entries)
         if key_filter is not None:
             prefix, match = key_filter.prefix, key_filter.match
             keys = [key for key in keys if key.startswith(prefix) and match(key)]
-        return [(key, self.entries[key]) for key in keys]
+        return [(key, self.entries[key].value) for key in keys]
 
 
 def parse_point(raw: str) -> int | float:
@@ -150,8 +150,8 @@ def read_past_state(history: History, point: int | float, head: int, now: float)
 
 
 def past_batches(
-    items: list[tuple[str, Entry]], after: str | None, batch: int
-) -> Iterator[list[tuple[str, Entry]]]:
+    items: list[tuple[str, bytes]], after: str | None, batch: int
+) -> Iterator[list[tuple[str, bytes]]]:
     """Like ``Store.scan``, over a past listing: batches of the items after key ``after``."""
     start = 0 if after is None else bisect.bisect_right(items, after, key=lambda item: item[0])
     for index in range(start, len(items), batch):
@@ -195,17 +195,16 @@ class KeysBodyHandler(BaseHandler):
             raise plugin_required("expire_in", "expiry")
         return expires_at
 
-    def visible(self, batch: list[tuple[str, Entry]]) -> Iterator[tuple[str, bytes]]:
+    def visible(self, batch: list[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
         """Pairs as readers see them, after any ``transform_read`` plugin."""
         if not self.ctx.reads_transformed:
-            for key, entry in batch:
-                yield key, entry.value
+            yield from batch
             return
         transform = self.ctx.plugins.hook.transform_read
-        for key, entry in batch:
-            replaced = transform(key=key, value=entry.value)
+        for key, value in batch:
+            replaced = transform(key=key, value=value)
             if replaced is not HIDDEN:
-                yield key, entry.value if replaced is None else replaced
+                yield key, value if replaced is None else replaced
 
     async def consistent(self) -> None:
         """``?consistent=1``: apply everything the journal holds before reading (503 if unreachable)."""
@@ -290,15 +289,15 @@ class KeysHandler(KeysBodyHandler):
 
     def _batches(
         self, key_filter: KeyFilter | None, after: str | None, batch: int,
-        past: list[tuple[str, Entry]] | None,
-    ) -> Iterator[list[tuple[str, Entry]]]:
-        """Entries in key order, from the store or from a past listing (already filtered)."""
+        past: list[tuple[str, bytes]] | None,
+    ) -> Iterator[list[tuple[str, bytes]]]:
+        """Keys and values in key order, from the store or from a past listing (already filtered)."""
         if past is not None:
             return past_batches(past, after, batch)
         return self.store.scan(key_filter, after=after, batch=batch)
 
     async def _stream_all(
-        self, key_filter: KeyFilter | None, past: list[tuple[str, Entry]] | None
+        self, key_filter: KeyFilter | None, past: list[tuple[str, bytes]] | None
     ) -> None:
         opened = False
         for batch in self._batches(key_filter, None, LISTING_BATCH, past):
@@ -313,7 +312,7 @@ class KeysHandler(KeysBodyHandler):
 
     def _page(
         self, key_filter: KeyFilter | None, after: str | None, limit: int,
-        past: list[tuple[str, Entry]] | None,
+        past: list[tuple[str, bytes]] | None,
     ) -> tuple[list[tuple[str, bytes]], bool]:
         """Up to ``limit`` visible pairs after ``after``, and whether more remain."""
         page: list[tuple[str, bytes]] = []
@@ -397,7 +396,7 @@ class KeyHandler(KeysBodyHandler):
         entry = self.store.get(key) if past is None else past.entries.get(key)
         if entry is None:
             raise NotFound(f"key {key!r} not found")
-        visible = list(self.visible([(key, entry)]))
+        visible = list(self.visible([(key, entry.value)]))
         if not visible:  # hidden by a plugin
             raise NotFound(f"key {key!r} not found")
         value = visible[0][1]
