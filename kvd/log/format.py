@@ -29,10 +29,6 @@ OP_CLEAR = "clear"
 OP_EXPIRE = "expire"
 OPS = (OP_PUT, OP_DELETE, OP_CLEAR, OP_EXPIRE)
 
-# The bytes JSON escapes inside a string: a string without any of them is
-# written as itself, so its text can be sliced out of a line as it is.
-ESCAPED_IN_JSON = bytes(range(0x20)) + b'"\\'
-
 _HASH_PREFIX = b',"hash":"'
 _HASH_HEX_LEN = 64
 # ,"hash":"<64 hex>"}\n

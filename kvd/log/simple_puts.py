@@ -5,9 +5,10 @@ actor or client. The record grammar (docs/journal-format.md) fixes every
 byte of such a line except the seq, the timestamp, the key, the value and
 the two hashes, so one regular expression splits a whole block of lines into
 columns (seqs, keys, values, hashes) in C, and the checks run over the
-columns: the chain link by comparing two tuples, the seqs against a range,
-the SHA-256 of each record through ``map``. Replay goes from about 15 µs a
-record (full decoding) to about 3.5 µs.
+columns: the chain link by comparing two lists, the seqs against a range, the
+SHA-256 of each record through ``map``. Replay goes from about 15 µs a
+record (full decoding) to about 4.5 µs on the machine docs/benchmarks.md
+describes.
 
 The fast path only ever accepts or declines. It accepts a run only when the
 full decoder (``format.decode_record`` plus the reader's chain checks) would
