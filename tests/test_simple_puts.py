@@ -58,8 +58,8 @@ def take(lines: list[bytes], seq: int, prev: str) -> list[tuple[str, bytes, int]
     pieces = split_block(b"".join(line + b"\n" for line in lines))
     if len(pieces) != 1 or not isinstance(pieces[0], Run):
         return None
-    puts = check_run(pieces[0], seq, prev)
-    if puts is None:
+    puts = check_run(pieces[0])
+    if puts is None or not puts.follows(seq, prev):
         return None
     return [(key, value, puts.first_seq + index)
             for index, (key, value) in enumerate(zip(puts.keys, puts.values, strict=True))]
@@ -122,6 +122,20 @@ def test_a_line_out_of_the_chain_is_declined():
     # In a run, one line out of place declines the whole run.
     second, _ = line_of(6, "9" * 64, op="put", set_values={"b": b"2"})
     assert take([line, second], 5, "c" * 64) is None
+
+
+def test_a_hash_not_in_lower_case_hex_is_declined():
+    """The digests are compared in binary; the stored text must still be what the full
+    decoder compares with: lower-case hex."""
+    line, digest = line_of(5, "c" * 64, op="put", set_values={"a": b"1"})
+    assert any(char in "abcdef" for char in digest)
+    upper = line.replace(digest.encode(), digest.upper().encode())
+    with pytest.raises(RecordError):
+        decode_record(upper + b"\n")
+    assert take([upper], 5, "c" * 64) is None
+    not_hex = line.replace(digest.encode(), b"g" * 64)
+    assert take([not_hex], 5, "c" * 64) is None
+    assert take([line], 5, "c" * 64) == [("a", b"1", 5)]
 
 
 def test_a_block_splits_into_runs_and_other_lines_in_order():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -34,6 +35,31 @@ def test_keys_and_readyz_answer_503_until_replay_is_done(kvd_process, tmp_path):
     # key00000001 was last written by seq 100001 (seq % 50000 == 1)
     assert server.get_key("key00000001").json()["key00000001"].startswith("value-00100001-")
     assert "ready: 50000 keys at revision 150000" in server.log()
+
+
+def child_pids(pid: int) -> set[int]:
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children.update(map(int, (task / "children").read_text().split()))
+    return children
+
+
+@pytest.mark.slow
+def test_a_large_journal_replays_with_a_helper_process_that_then_exits(kvd_process, tmp_path):
+    """Past scan_ahead.MIN_HELPER_BYTES, on two CPUs, a spawned helper checks the later
+    part of the journal; the state is the same and no process is left behind."""
+    from kvd.log import scan_ahead
+
+    if scan_ahead.usable_cpus() < 2:
+        pytest.skip("one usable CPU: start-up replays without a helper (the unit tests cover both)")
+    data = tmp_path / "data"
+    make_journal(data, records=200_000, keys=70_000)  # 68 MB: the helper's share is past 32 MiB
+    server = kvd_process(data_dir=data)
+    assert "a helper process checked" in server.log()
+    assert "ready: 70000 keys at revision 200000" in server.log()
+    # key00000001 was last written by seq 140001 (seq % 70000 == 1), in the helper's part
+    assert server.get_key("key00000001").json()["key00000001"].startswith("value-00140001-")
+    assert child_pids(server.process.pid) == set()
 
 
 @pytest.mark.slow

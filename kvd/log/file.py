@@ -23,6 +23,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import time
 from collections import deque
 from collections.abc import Callable
@@ -206,6 +207,12 @@ class FileJournal(Journal):
             if progress is not None and reader.bytes_read >= next_report:
                 progress(reader.bytes_read, total)
                 next_report += PROGRESS_EVERY_BYTES
+        if reader.helper_chunks:
+            log.info(
+                "replay: a helper process checked %d chunks of the journal's later part "
+                "(its peak RSS %d MiB)", reader.helper_chunks,
+                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
+            )
         if reader.torn_tail is not None:
             torn = reader.torn_tail
             log.warning(

@@ -10,11 +10,13 @@ bad record should have had. The caller decides whether to cut or stop.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from kvd.log.format import GENESIS_HASH, SEGMENT_SUFFIX, Record, RecordError, decode_record
+from kvd.log.scan_ahead import ScanAhead, line_start, plan_chunks
 from kvd.log.simple_puts import Run, SimplePuts, check_run, split_block
 
 _BLOCK_BYTES = 1024 * 1024  # read at a time; lines are split out of each block
@@ -97,6 +99,7 @@ class JournalReader:
         self.torn_tail: TornTail | None = None
         self.bytes_read = 0
         self.last_line: bytes | None = None  # the last good record's line, newline included
+        self.helper_chunks = 0  # chunks a helper process checked (scan_ahead.py)
 
     def records(self) -> Iterator[Record]:
         """Every record, fully decoded (what the audit tools and the history need)."""
@@ -107,57 +110,98 @@ class JournalReader:
 
         Start-up replay takes this form: a simple put needs no Record, and
         recognising a block of them by their bytes is several times faster
-        than decoding each (``simple_puts.py``). Every check still runs: a
-        run the fast path declines is decoded in full, line by line.
+        than decoding each (``simple_puts.py``); on a large journal a helper
+        process checks the later part meanwhile (``scan_ahead.py``). Every
+        check still runs: a run the fast path declines is decoded in full,
+        line by line.
         """
-        for index, path in enumerate(self.segments):
-            is_last = index == len(self.segments) - 1
-            yield from self._read_segment(path, is_last, simple_puts)
+        chunks = plan_chunks(self.segments) if simple_puts else []
+        ahead = ScanAhead(chunks) if chunks else None
+        self.helper_chunks = len(chunks)
+        try:
+            for index, path in enumerate(self.segments):
+                is_last = index == len(self.segments) - 1
+                yield from self._read_segment(path, is_last, simple_puts, ahead)
+        finally:
+            if ahead is not None:
+                ahead.close()
 
     def _read_segment(
-        self, path: Path, is_last: bool, simple_puts: bool
+        self, path: Path, is_last: bool, simple_puts: bool, ahead: ScanAhead | None
     ) -> Iterator[Record | SimplePuts]:
-        offset = 0
+        handoff = ahead.first_start(path) if ahead is not None else None
         with open(path, "rb") as file:
-            carry = b""  # an unterminated line at the end of the last block
-            while block := file.read(_BLOCK_BYTES):
-                data = carry + block
-                end = data.rfind(b"\n") + 1
-                whole, carry = data[:end], data[end:]
-                for piece in split_block(whole) if simple_puts else [whole]:
-                    if isinstance(piece, Run):
-                        puts = self._take(piece)
-                        if puts is not None:
-                            offset += piece.size
-                            self.bytes_read += piece.size
-                            yield puts
-                            continue
-                        lines = piece.lines()
+            stop = line_start(file, handoff) if handoff is not None else None
+            offset = yield from self._read_range(file, path, 0, stop, is_last, simple_puts)
+            for chunk, scan in ahead.scans(path) if ahead is not None else ():
+                if offset is None:
+                    return  # a torn tail or padding ended the segment
+                if scan is None:
+                    stop = line_start(file, chunk.stop)
+                    offset = yield from self._read_range(file, path, offset, stop, is_last, simple_puts)
+                    continue
+                assert scan.begin == offset, (scan.begin, offset)
+                for piece in scan.pieces:
+                    if offset is None:
+                        return
+                    if isinstance(piece, SimplePuts) and self._take(piece):
+                        offset += piece.size
+                        self.bytes_read += piece.size
+                        yield piece
                     else:
-                        lines = [line + b"\n" for line in piece.split(b"\n")[:-1]]
-                    for line in lines:
-                        if line[:1] != b"{" and _is_padding(line):
-                            file.seek(offset)
-                            self._stop_at(path, offset, file.read(), is_last)
-                            return
-                        record = self._check(path, offset, line)
-                        offset += len(line)
-                        self.bytes_read += len(line)
-                        if record.seq >= self.start_seq:
-                            yield record
-            if carry:
-                self._stop_at(path, offset, carry, is_last)
+                        size = piece if isinstance(piece, int) else piece.size
+                        offset = yield from self._read_range(
+                            file, path, offset, offset + size, is_last, simple_puts=False
+                        )
 
-    def _take(self, run: Run) -> SimplePuts | None:
-        """The run as checked simple puts, when it continues the chain from a known record."""
+    def _read_range(
+        self, file: BinaryIO, path: Path, offset: int, stop: int | None, is_last: bool,
+        simple_puts: bool,
+    ) -> Generator[Record | SimplePuts, None, int | None]:
+        """The lines from ``offset`` (a line's start) to ``stop`` (one too, or None: the
+        end); returns where they end, or None when a torn tail or padding ended the file."""
+        file.seek(offset)
+        carry = b""  # an unterminated line at the end of the last block
+        while block := file.read(_BLOCK_BYTES if stop is None else min(_BLOCK_BYTES, stop - offset - len(carry))):
+            data = carry + block
+            end = data.rfind(b"\n") + 1
+            whole, carry = data[:end], data[end:]
+            for piece in split_block(whole) if simple_puts else [whole]:
+                if isinstance(piece, Run):
+                    puts = check_run(piece)
+                    if puts is not None and self._take(puts):
+                        offset += puts.size
+                        self.bytes_read += puts.size
+                        yield puts
+                        continue
+                    lines = piece.lines()
+                else:
+                    lines = [line + b"\n" for line in piece.split(b"\n")[:-1]]
+                for line in lines:
+                    if line[:1] != b"{" and _is_padding(line):
+                        file.seek(offset)
+                        self._stop_at(path, offset, file.read(), is_last)
+                        return None
+                    record = self._check(path, offset, line)
+                    offset += len(line)
+                    self.bytes_read += len(line)
+                    if record.seq >= self.start_seq:
+                        yield record
+        if carry:
+            self._stop_at(path, offset, carry, is_last)
+            return None
+        return offset
+
+    def _take(self, puts: SimplePuts) -> bool:
+        """Whether the checked run continues the chain from a known record (and so is read)."""
         if self.last_hash is None or self.last_seq < self.start_seq - 1:
-            return None  # records before start_seq, or the link back is not known
-        puts = check_run(run, self.last_seq + 1, self.last_hash)
-        if puts is not None:
-            self.last_seq += len(puts)
-            self.last_hash = run.hashes[-1].decode()
-            self.last_line = run.last_line()
-        return puts
+            return False  # records before start_seq, or the link back is not known
+        if not puts.follows(self.last_seq + 1, self.last_hash):
+            return False
+        self.last_seq += len(puts)
+        self.last_hash = puts.head.decode()
+        self.last_line = puts.last_line
+        return True
 
     def _check(self, path: Path, offset: int, line: bytes) -> Record:
         """Decode one line in full and check its place in the chain."""

@@ -21,6 +21,7 @@ mutated records.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
 from dataclasses import dataclass
@@ -41,19 +42,45 @@ _SIMPLE_PUT = re.compile(
 )
 _GROUPS = 7  # re.split puts these after each stretch of text between two matches
 _LINE_TAIL = len(b',"hash":"') + 64 + len(b'"}\n')  # each line's bytes after its hashed part
-_hexdigest = methodcaller("hexdigest")
+_digest = methodcaller("digest")
 
 
 @dataclass(slots=True)
 class SimplePuts:
-    """A run of checked simple puts: record ``first_seq + i`` set ``keys[i]`` to ``values[i]``."""
+    """A run of checked simple puts: record ``first_seq + i`` set ``keys[i]`` to ``values[i]``.
+
+    Checked in itself (every hash, every link inside the run); whether it
+    continues the journal read so far is ``follows``'s question, asked by the
+    reader, which alone knows the record before.
+    """
 
     first_seq: int
     keys: list[str]
     values: list[bytes]  # compact JSON, exactly as stored
+    prev: bytes  # the hash the first record chains to
+    head: bytes  # the last record's hash
+    size: int  # bytes of the run's lines, newlines included
+    last_line: bytes  # the last record's line, newline included
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def follows(self, seq: int, last_hash: str) -> bool:
+        """Whether the run's first record is ``seq`` and chains to ``last_hash``."""
+        return self.first_seq == seq and self.prev == last_hash.encode()
+
+    def __reduce__(self) -> tuple:
+        """Pickled as two joined columns (how the replay helper sends runs): two to three
+        times cheaper than an object each. Neither a key (no control character) nor a
+        compact JSON value holds a raw newline."""
+        columns = "\n".join(self.keys).encode(), b"\n".join(self.values)
+        return _unpickle_puts, (self.first_seq, *columns, self.prev, self.head, self.size, self.last_line)
+
+
+def _unpickle_puts(
+    first_seq: int, keys: bytes, values: bytes, prev: bytes, head: bytes, size: int, last_line: bytes
+) -> SimplePuts:
+    return SimplePuts(first_seq, keys.decode().split("\n"), values.split(b"\n"), prev, head, size, last_line)
 
 
 @dataclass(slots=True)
@@ -119,30 +146,36 @@ def _run(parts: list[bytes], first: int, end: int, ascii: bool) -> Run:
     return Run(hashed, seqs, keys, strings, others, prevs, hashes, ascii)  # type: ignore[arg-type]
 
 
-def check_run(run: Run, seq: int, last_hash: str) -> SimplePuts | None:
-    """The run's puts, when every line is a valid simple put continuing the chain at
-    ``seq`` after ``last_hash``; None to leave the whole run to the full decoder."""
+def check_run(run: Run) -> SimplePuts | None:
+    """The run's puts, when every line is a valid simple put and each links to the
+    one before; None to leave the whole run to the full decoder."""
     count = len(run.hashed)
+    first_seq = int(run.seqs[0])
+    hashes = b"".join(run.hashes)
     if (
-        run.prevs[0] != last_hash.encode()
-        or run.prevs[1:] != run.hashes[:-1]
-        or list(map(int, run.seqs)) != list(range(seq, seq + count))
-        or list(map(str.encode, map(_hexdigest, map(hashlib.sha256, run.hashed)))) != run.hashes
+        run.prevs[1:] != run.hashes[:-1]
+        or list(map(int, run.seqs)) != list(range(first_seq, first_seq + count))
+        or hashes != hashes.lower()  # the full decoder compares with lower-case hex
     ):
         return None
     try:
+        # One comparison of binary digests: a third cheaper than hex digest by digest.
+        if b"".join(map(_digest, map(hashlib.sha256, run.hashed))) != binascii.unhexlify(hashes):
+            return None
         keys = list(map(bytes.decode, run.keys))  # the key's text is itself: nothing in it is escaped
         if not run.ascii:
             for text in filter(None, run.strings):
                 text.decode()  # a plain string is its own compact form, if it is UTF-8
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, binascii.Error):  # binascii.Error: a hash that is not hex
         return None
     values: list[bytes] = run.strings  # type: ignore[assignment]  # all strings unless others
     if any(run.others):
         values = [string or other for string, other in zip(run.strings, run.others, strict=True)]
         if not all(map(_is_exact_value, filter(None, run.others))):
             return None
-    return SimplePuts(seq, keys, values)
+    return SimplePuts(
+        first_seq, keys, values, run.prevs[0], run.hashes[-1], run.size, run.last_line()
+    )
 
 
 def _is_exact_value(text: bytes) -> bool:

@@ -1,0 +1,238 @@
+"""Start-up on two cores: a helper process checks the journal's later part
+while the reader replays the first.
+
+Replay is CPU-bound: a regular expression splits each block into columns and
+every record's SHA-256 is recomputed (``simple_puts.py``), about 3 µs a
+record, against 1 µs to apply it. Only the link from a run to the record
+before it needs what came earlier, so a helper process can split and check
+the later chunks of the journal (``check_run``) while the reader works
+through the first part; the reader then links each run it gets back
+(``SimplePuts.follows``) and decodes whatever the helper left (any other
+record, damage, a torn tail) in full, from the file, exactly as when it
+reads alone. The helper changes how fast replay is, never what it accepts.
+
+It runs only where it pays: at least two CPUs this process may use (a server
+pinned to one core replays alone) and enough bytes to outweigh starting a
+Python process (about 0.15 s). It is a new interpreter, not a fork, since
+replay runs beside the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from kvd.log.simple_puts import Run, SimplePuts, check_run, split_block
+
+log = logging.getLogger(__name__)
+
+# The helper takes the later 60 % of the bytes: the reader also applies every
+# record (the helper's too), so it keeps the smaller part. Balanced by
+# bench/replay.py on the machine docs/benchmarks.md describes.
+HELPER_SHARE = 0.6
+MIN_HELPER_BYTES = 32 * 1024 * 1024  # below this a process costs more than it saves
+CHUNK_BYTES = 16 * 1024 * 1024  # one task, one result: what the reader holds from the helper at once
+_READ_BYTES = 1024 * 1024
+_FIND_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The lines of ``path`` that begin at a byte in ``start .. stop - 1``."""
+
+    path: Path
+    start: int
+    stop: int
+
+
+@dataclass(slots=True)
+class ChunkScan:
+    """A chunk's lines in order: checked runs, and byte counts the reader must decode itself."""
+
+    begin: int  # where the chunk's first line begins
+    pieces: list[SimplePuts | int]
+
+
+def line_start(file: BinaryIO, at: int) -> int:
+    """Where the first line beginning at or after byte ``at`` begins (the file's size if none).
+
+    The reader and the helper both cut at these offsets, so every line is read
+    by exactly one of them. A raw newline only ever ends a record: JSON
+    escapes the ones in strings.
+    """
+    if at == 0:
+        return 0
+    file.seek(at - 1)
+    position = at - 1
+    while data := file.read(_FIND_BYTES):
+        found = data.find(b"\n")
+        if found >= 0:
+            return position + found + 1
+        position += len(data)
+    return position
+
+
+def _scan(chunk: Chunk) -> ChunkScan:
+    pieces: list[SimplePuts | int] = []
+
+    def leave(size: int) -> None:
+        if pieces and isinstance(pieces[-1], int):
+            pieces[-1] += size
+        else:
+            pieces.append(size)
+
+    with open(chunk.path, "rb") as file:
+        begin, end = line_start(file, chunk.start), line_start(file, chunk.stop)
+        file.seek(begin)
+        position, carry = begin, b""
+        while position < end:
+            block = file.read(min(_READ_BYTES, end - position))
+            if not block:
+                break
+            position += len(block)
+            data = carry + block
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            for piece in split_block(data[:cut]):
+                puts = check_run(piece) if isinstance(piece, Run) else None
+                if puts is not None:
+                    pieces.append(puts)
+                else:
+                    leave(piece.size if isinstance(piece, Run) else len(piece))
+        if carry:
+            leave(len(carry))  # an unterminated last line: the reader decides what it is
+    return ChunkScan(begin, pieces)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def plan_chunks(segments: list[Path]) -> list[Chunk]:
+    """The helper's chunks, in journal order: none when it would not pay."""
+    sizes = [path.stat().st_size for path in segments]
+    total = sum(sizes)
+    helper_from = int(total * (1 - HELPER_SHARE))
+    if usable_cpus() < 2 or total - helper_from < MIN_HELPER_BYTES:
+        return []
+    chunks = []
+    segment_start = 0
+    for path, size in zip(segments, sizes, strict=True):
+        start = max(helper_from - segment_start, 0)
+        while start < size:
+            stop = min(start + CHUNK_BYTES, size)
+            chunks.append(Chunk(path, start, stop))
+            start = stop
+        segment_start += size
+    return chunks
+
+
+class ScanAhead:
+    """The helper process and its chunk scans, handed to the reader in journal order.
+
+    The helper is ``python -m kvd.log.scan_ahead RESULTS_DIR`` with the chunks
+    on its stdin; it pickles each chunk's scan to a file there and names it on
+    stdout. Files, not a pipe, carry the scans: the reader's thread holds the
+    GIL while it works, and a large message read 64 KiB at a time by any
+    thread of this process would stall for up to 5 ms a read (the switch
+    interval). A plain process, not a multiprocessing pool, so nothing (no
+    pool thread, no resource tracker) outlives replay.
+    """
+
+    def __init__(self, chunks: list[Chunk]) -> None:
+        self._pending = deque(enumerate(chunks))
+        self._results = Path(tempfile.mkdtemp(prefix="kvd-replay-"))
+        package_root = str(Path(__file__).resolve().parents[2])  # where ``kvd`` imports from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [package_root, os.environ.get("PYTHONPATH")])
+        )}
+        plan = "".join(
+            json.dumps([chunk.start, chunk.stop, os.fsdecode(chunk.path)]) + "\n" for chunk in chunks
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(self._results)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            )
+            assert self._process.stdin is not None
+            self._process.stdin.write(plan.encode())
+            self._process.stdin.close()
+        except OSError as exc:
+            log.warning("replay helper could not start: %r; replaying alone", exc)
+
+    def first_start(self, path: Path) -> int | None:
+        """Where in ``path`` the helper's chunks start (a byte hint), if they do."""
+        return next((chunk.start for _, chunk in self._pending if chunk.path == path), None)
+
+    def scans(self, path: Path) -> Iterator[tuple[Chunk, ChunkScan | None]]:
+        """The chunks of ``path`` with their scans, in order, each let go once taken; None
+        where the helper failed (the reader then reads the chunk alone)."""
+        while self._pending and self._pending[0][1].path == path:
+            number, chunk = self._pending.popleft()
+            yield chunk, self._take(number, chunk)
+
+    def _take(self, number: int, chunk: Chunk) -> ChunkScan | None:
+        if self._process is None:
+            return None
+        try:
+            assert self._process.stdout is not None
+            done = self._process.stdout.readline()
+            if done != b"%d\n" % number:
+                raise RuntimeError(f"helper exited ({self._process.wait()})")
+            result = self._results / f"{number}.pickle"
+            scan = pickle.loads(result.read_bytes())
+            result.unlink()
+            return scan
+        except Exception as exc:  # a helper that died or sent nonsense: slower, not wrong
+            log.warning("replay helper failed on %s from byte %d: %r; reading the rest alone",
+                        chunk.path, chunk.start, exc)
+            self._stop()
+            return None
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()  # ours, by its handle; it may have finished already
+            self._process.wait()
+            if self._process.stdout is not None:
+                self._process.stdout.close()
+            self._process = None
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._stop()
+        shutil.rmtree(self._results, ignore_errors=True)
+
+
+def _helper_main(results: Path) -> None:
+    """The helper process: scan each chunk of the plan on stdin, in order."""
+    gc.disable()  # it builds many objects and keeps none between chunks
+    for number, line in enumerate(sys.stdin):
+        start, stop, path = json.loads(line)
+        scan = _scan(Chunk(Path(path), start, stop))
+        with open(results / f"{number}.pickle", "wb") as out:
+            pickle.dump(scan, out, protocol=pickle.HIGHEST_PROTOCOL)
+        sys.stdout.write(f"{number}\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    # Through the module's own name, so the pickled scans name kvd.log.scan_ahead's classes.
+    from kvd.log.scan_ahead import _helper_main as main
+
+    main(Path(sys.argv[1]))
