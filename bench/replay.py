@@ -6,12 +6,14 @@ For each key count it writes a journal of RECORDS put records with
 bench/make_journal.py (one key per record, ~100-byte values, keys cycling
 over KEYS names; KEYS = RECORDS makes every record a distinct key), then
 REPEATS times copies it to a fresh data directory, starts
-``kvd serve --port 0`` on it (pinned to core 0) and measures:
+``kvd serve --port 0`` on it, pinned to each CPU set of --cpus in turn (by
+default both cores, where a helper process checks the journal's later part
+(kvd/log/scan_ahead.py), then core 0 alone), and measures:
 
 - ready: seconds from starting the process to the first 200 from /readyz
   (interpreter start-up and imports included);
 - replay: the ``replay took`` figure kvd logs;
-- peak RSS (VmHWM) once ready;
+- peak RSS (VmHWM) once ready, and the helper's own peak RSS as kvd logs it;
 
 Then it compacts a copy of the journal (as ``kvd journal compact`` does: a
 snapshot of the live state, no records after it) and measures a start from
@@ -36,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -45,6 +48,8 @@ from run import machine_info
 from servers import BENCH_DIR, HOST, KVD_PATH_HELP, REPO_ROOT, Options, call
 
 REPLAY_TOOK = re.compile(rb"replay took ([0-9.]+)s")
+HELPER_RSS = re.compile(rb"helper process checked [0-9]+ chunks .*peak RSS ([0-9]+) MiB")
+UNPINNED = "any"
 REPLAY_TARGET_S = 3.0  # per million records
 RSS_TARGET_RATIO = 2.5
 
@@ -98,10 +103,12 @@ def start_and_measure(data_dir: Path, opts: Options, timeout: float) -> dict:
             if found:
                 break
             time.sleep(0.01)
+        helper = HELPER_RSS.search(log.read_bytes())
         return {
             "listening_s": listening,
             "ready_s": ready,
             "replay_s": float(found.group(1)) if found else None,
+            "helper_rss_mib": float(helper.group(1)) if helper else None,
             "rss_hwm_mib": hwm / 1024,
             "rss_mib": rss / 1024,
         }
@@ -131,23 +138,30 @@ def compact_copy(pristine: Path, target: Path) -> float:
     return report.seconds
 
 
-def start_runs(args: argparse.Namespace, opts: Options, source: Path, work: Path, label: str) -> tuple[list, dict]:
-    """REPEATS starts of kvd on fresh copies of ``source``; the runs and their medians."""
-    runs = []
+def start_runs(args: argparse.Namespace, opts: Options, source: Path, work: Path, label: str) -> dict:
+    """REPEATS starts of kvd on fresh copies of ``source`` for each CPU set in ``args.cpu_sets``,
+    alternating; {cpus: {"runs", "median"}}."""
+    results: dict = {cpus: {"runs": []} for cpus in args.cpu_sets}
     for repeat in range(args.repeats):
-        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
-        shutil.copytree(source, run_dir / "store")
-        result = start_and_measure(run_dir, opts, args.timeout)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        runs.append(result)
-        print(f"  {label} repeat {repeat + 1}: ready {result['ready_s']:.2f}s, replay {result['replay_s']}s, "
-              f"RSS {result['rss_hwm_mib']:.0f} MiB", file=sys.stderr, flush=True)
-    median = {
-        key: statistics.median(run[key] for run in runs if run[key] is not None)
-        for key in ("listening_s", "ready_s", "replay_s", "rss_hwm_mib", "rss_mib")
-        if any(run[key] is not None for run in runs)
-    }
-    return runs, median
+        for cpus in args.cpu_sets:
+            run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+            shutil.copytree(source, run_dir / "store")
+            pinned = replace(opts, pin=("taskset", "-c", cpus) if cpus != UNPINNED else ())
+            result = start_and_measure(run_dir, pinned, args.timeout)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            results[cpus]["runs"].append(result)
+            helper = result["helper_rss_mib"]
+            print(f"  {label} on CPUs {cpus}, repeat {repeat + 1}: ready {result['ready_s']:.2f}s, "
+                  f"replay {result['replay_s']}s, RSS {result['rss_hwm_mib']:.0f} MiB"
+                  + (f" (helper {helper:.0f} MiB)" if helper else ""), file=sys.stderr, flush=True)
+    for result in results.values():
+        runs = result["runs"]
+        result["median"] = {
+            key: statistics.median(run[key] for run in runs if run[key] is not None)
+            for key in ("listening_s", "ready_s", "replay_s", "rss_hwm_mib", "rss_mib", "helper_rss_mib")
+            if any(run[key] is not None for run in runs)
+        }
+    return results
 
 
 def measure_variant(args: argparse.Namespace, opts: Options, keys: int, work: Path) -> dict:
@@ -157,17 +171,21 @@ def measure_variant(args: argparse.Namespace, opts: Options, keys: int, work: Pa
     size = make_journal(pristine, args.records, keys)
     made = time.monotonic() - written_at
     live_keys, raw = live_bytes(pristine)
-    runs, median = start_runs(args, opts, pristine, work, "journal")
+    by_cpus = start_runs(args, opts, pristine, work, "journal")
+    first = by_cpus[args.cpu_sets[0]]
     variant = {
         "records": args.records, "keys": keys, "journal_bytes": size, "journal_write_s": made,
-        "live_keys": live_keys, "live_bytes": raw, "median": median, "runs": runs,
+        "live_keys": live_keys, "live_bytes": raw, "median": first["median"], "runs": first["runs"],
+        "by_cpus": by_cpus,
     }
     if not args.no_snapshot:
         compacted = work / f"snapshot-{keys}"
         seconds = compact_copy(pristine, compacted)
         snapshot_bytes = sum(path.stat().st_size for path in compacted.iterdir() if path.is_file())
-        runs, median = start_runs(args, opts, compacted, work, "snapshot")
-        variant["snapshot"] = {"compact_s": seconds, "bytes": snapshot_bytes, "median": median, "runs": runs}
+        by_cpus = start_runs(args, opts, compacted, work, "snapshot")
+        first = by_cpus[args.cpu_sets[0]]
+        variant["snapshot"] = {"compact_s": seconds, "bytes": snapshot_bytes, "median": first["median"],
+                               "runs": first["runs"], "by_cpus": by_cpus}
         shutil.rmtree(compacted, ignore_errors=True)
     shutil.rmtree(pristine, ignore_errors=True)
     return variant
@@ -194,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--kvd-path", type=Path, default=REPO_ROOT, help=KVD_PATH_HELP)
-    parser.add_argument("--no-pin", action="store_true", help="do not pin kvd to core 0")
+    parser.add_argument("--cpus", default="0-1/0",
+                        help="CPU sets to pin kvd to, separated by '/', measured alternately "
+                             "(default 0-1/0: both cores, where a helper process checks the "
+                             "journal's later part, then core 0, where kvd replays alone)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin kvd (one unpinned set)")
     parser.add_argument("--work-dir", type=Path, help="where journals go (default: temp)")
     parser.add_argument("--no-snapshot", action="store_true",
                         help="skip the start from a compacted copy (snapshot + empty tail)")
@@ -203,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)
     key_counts = [int(part) for part in args.keys.split(",") if part.strip()]
     pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
-    opts = Options(python=args.python, pin=("taskset", "-c", "0") if pin else (),
+    args.cpu_sets = args.cpus.split("/") if pin else [UNPINNED]
+    opts = Options(python=args.python, pin=("taskset", "-c", args.cpu_sets[0]) if pin else (),
                    kvd_path=args.kvd_path.resolve())
 
     machine = machine_info(args.python, opts.kvd_path)
@@ -222,47 +245,53 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"median of {args.repeats} starts; empty store: ready {baseline['ready_s']:.2f}s, "
           f"RSS {baseline['rss_hwm_mib']:.1f} MiB")
-    header = (f"{'records':>9} {'keys':>9} {'journal MB':>10} {'live MB':>8} {'ready s':>8} "
-              f"{'replay s':>8} {'s per 1M':>8} {'RSS MiB':>8} {'RSS/live':>8} {'(-empty)':>8}")
+    header = (f"{'records':>9} {'keys':>9} {'CPUs':>5} {'journal MB':>10} {'live MB':>8} {'ready s':>8} "
+              f"{'replay s':>8} {'s per 1M':>8} {'RSS MiB':>8} {'RSS/live':>8} {'(-empty)':>8} {'helper':>7}")
     print(header)
     print("-" * len(header))
     targets = []
     for variant in variants:
-        m = variant["median"]
-        replay = m.get("replay_s", m["ready_s"])
         live_mib = variant["live_bytes"] / 2**20
-        ratio = m["rss_hwm_mib"] / live_mib
-        above_empty = (m["rss_hwm_mib"] - baseline["rss_hwm_mib"]) / live_mib
-        variant["ratios"] = {"replay_s_per_million": replay * per_million,
-                             "ready_s_per_million": m["ready_s"] * per_million,
-                             "rss_over_live": ratio, "rss_above_empty_over_live": above_empty}
-        print(f"{variant['records']:>9} {variant['keys']:>9} {variant['journal_bytes'] / 1e6:>10.1f} "
-              f"{variant['live_bytes'] / 1e6:>8.1f} {m['ready_s']:>8.2f} {replay:>8.2f} "
-              f"{replay * per_million:>8.2f} {m['rss_hwm_mib']:>8.1f} {ratio:>8.2f} {above_empty:>8.2f}")
+        for cpus, result in variant["by_cpus"].items():
+            m = result["median"]
+            replay = m.get("replay_s", m["ready_s"])
+            ratio = m["rss_hwm_mib"] / live_mib
+            above_empty = (m["rss_hwm_mib"] - baseline["rss_hwm_mib"]) / live_mib
+            result["ratios"] = {"replay_s_per_million": replay * per_million,
+                                "ready_s_per_million": m["ready_s"] * per_million,
+                                "rss_over_live": ratio, "rss_above_empty_over_live": above_empty}
+            helper = f"{m['helper_rss_mib']:.0f} MiB" if m.get("helper_rss_mib") else "-"
+            print(f"{variant['records']:>9} {variant['keys']:>9} {cpus:>5} {variant['journal_bytes'] / 1e6:>10.1f} "
+                  f"{variant['live_bytes'] / 1e6:>8.1f} {m['ready_s']:>8.2f} {replay:>8.2f} "
+                  f"{replay * per_million:>8.2f} {m['rss_hwm_mib']:>8.1f} {ratio:>8.2f} {above_empty:>8.2f} "
+                  f"{helper:>7}")
+            label = f"{variant['records']} records, {variant['keys']} keys, CPUs {cpus}"
+            for what, value, goal in (
+                ("replay (kvd's 'replay took') per 1M records", replay * per_million, REPLAY_TARGET_S),
+                ("start to /readyz 200 per 1M records", m["ready_s"] * per_million, REPLAY_TARGET_S),
+                ("peak RSS / raw live data", ratio, RSS_TARGET_RATIO),
+            ):
+                targets.append(target_row(label, what, value, goal))
+        variant["ratios"] = variant["by_cpus"][args.cpu_sets[0]]["ratios"]
         snapshot = variant.get("snapshot")
-        if snapshot is not None:
-            sm = snapshot["median"]
+        if snapshot is None:
+            continue
+        for cpus, result in snapshot["by_cpus"].items():
+            sm = result["median"]
             s_replay = sm.get("replay_s", sm["ready_s"])
             s_ratio = sm["rss_hwm_mib"] / live_mib
-            print(f"{'snapshot':>9} {variant['keys']:>9} {snapshot['bytes'] / 1e6:>10.1f} "
+            print(f"{'snapshot':>9} {variant['keys']:>9} {cpus:>5} {snapshot['bytes'] / 1e6:>10.1f} "
                   f"{variant['live_bytes'] / 1e6:>8.1f} {sm['ready_s']:>8.2f} {s_replay:>8.2f} "
                   f"{s_replay * 1_000_000 / variant['keys']:>8.2f} {sm['rss_hwm_mib']:>8.1f} {s_ratio:>8.2f} "
-                  f"{(sm['rss_hwm_mib'] - baseline['rss_hwm_mib']) / live_mib:>8.2f}")
-            snapshot["ratios"] = {"load_s_per_million_keys": s_replay * 1_000_000 / variant["keys"],
-                                  "rss_over_live": s_ratio}
-        label = f"{variant['records']} records, {variant['keys']} keys"
-        for what, value, goal in (
-            ("replay (kvd's 'replay took') per 1M records", replay * per_million, REPLAY_TARGET_S),
-            ("start to /readyz 200 per 1M records", m["ready_s"] * per_million, REPLAY_TARGET_S),
-            ("peak RSS / raw live data", ratio, RSS_TARGET_RATIO),
-        ):
-            targets.append(target_row(label, what, value, goal))
-        if snapshot is not None:
-            label = f"snapshot of {variant['keys']} keys"
+                  f"{(sm['rss_hwm_mib'] - baseline['rss_hwm_mib']) / live_mib:>8.2f} {'-':>7}")
+            result["ratios"] = {"load_s_per_million_keys": s_replay * 1_000_000 / variant["keys"],
+                                "rss_over_live": s_ratio}
+            label = f"snapshot of {variant['keys']} keys, CPUs {cpus}"
             targets.append(target_row(label, "load (kvd's 'replay took') per 1M keys",
-                                      snapshot["ratios"]["load_s_per_million_keys"], REPLAY_TARGET_S))
+                                      result["ratios"]["load_s_per_million_keys"], REPLAY_TARGET_S))
             targets.append(target_row(label, "peak RSS / raw live data",
-                                      snapshot["ratios"]["rss_over_live"], RSS_TARGET_RATIO))
+                                      result["ratios"]["rss_over_live"], RSS_TARGET_RATIO))
+        snapshot["ratios"] = snapshot["by_cpus"][args.cpu_sets[0]]["ratios"]
     print()
     print("targets:")
     for row in targets:
@@ -275,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "machine": machine,
         "params": {"records": args.records, "keys": key_counts, "repeats": args.repeats,
-                   "pin": " ".join(opts.pin) or None},
+                   "cpu_sets": args.cpu_sets},
         "empty_store": baseline,
         "variants": variants,
         "targets": targets,

@@ -1,0 +1,42 @@
+"""bench/replay.py's short version: every figure printed and written, for each CPU set.
+
+Figures are not asserted (machines are noisy); ``make bench-replay`` reports them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
+def test_bench_replay_smoke_measures_both_cpu_sets(tmp_path):
+    committed = REPO / "bench" / "results" / "replay.json"
+    committed_before = committed.read_bytes() if committed.exists() else None
+    results = tmp_path / "replay.json"
+    run = subprocess.run(
+        [sys.executable, "bench/replay.py", "--records", "20000", "--keys", "5000", "--repeats", "1",
+         "--cpus", "0-1/0", "--json", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "targets:" in run.stdout and "CPUs 0-1" in run.stdout and "CPUs 0:" in run.stdout
+    data = json.loads(results.read_text())
+    assert data["params"]["cpu_sets"] == ["0-1", "0"]
+    [variant] = data["variants"]
+    assert variant["live_keys"] == 5000
+    for where in (variant, variant["snapshot"]):
+        assert set(where["by_cpus"]) == {"0-1", "0"}
+        for result in where["by_cpus"].values():
+            [only] = result["runs"]
+            assert only["ready_s"] > 0 and only["replay_s"] is not None and only["rss_hwm_mib"] > 0
+            assert only["helper_rss_mib"] is None  # 7 MB: far below the helper's threshold
+    assert len(data["targets"]) == 2 * 3 + 2 * 2
+    after = committed.read_bytes() if committed.exists() else None
+    assert after == committed_before
