@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # bench/replay.py on the machine docs/benchmarks.md describes.
 HELPER_SHARE = 0.6
 MIN_HELPER_BYTES = 32 * 1024 * 1024  # below this a process costs more than it saves
-CHUNK_BYTES = 16 * 1024 * 1024  # one task, one result: what the reader holds from the helper at once
+CHUNK_BYTES = 4 * 1024 * 1024  # one result file: the reader holds one at a time (16 MiB: +10 MiB RSS)
 _READ_BYTES = 1024 * 1024
 _FIND_BYTES = 64 * 1024
 
