@@ -43,6 +43,7 @@ from conftest import build_harness
 from kvd import jsonio
 from kvd.cli import main
 from kvd.config import load_config
+from kvd.log import scan_ahead
 from kvd.log.history import ARCHIVE_DIR, QUARANTINE_DIR, Layout
 from kvd.log.reader import JournalCorrupt
 from kvd.log.snapshot import SnapshotCorrupt
@@ -359,3 +360,41 @@ def test_flipped_final_newline_of_the_last_record_is_damage_not_a_torn_tail(pris
             start_up(data_dir)
         assert refused.value.path == data_dir / name and refused.value.seq == pristine.last_seq
         assert (data_dir / name).stat().st_size == offset + 1  # start-up cut nothing
+
+
+def outcome(data_dir: Path) -> tuple:
+    """What start-up makes of ``data_dir``: the damage it names, or the state it loads."""
+    try:
+        loaded = start_up(data_dir)
+    except (JournalCorrupt, SnapshotCorrupt) as exc:
+        return type(exc).__name__, str(exc)
+    return "loaded", loaded.entries, loaded.last_seq, loaded.head
+
+
+def test_bit_flips_in_live_segments_end_the_same_with_the_replay_helper(pristine, tmp_path, monkeypatch):
+    """Start-up's helper process (kvd/log/scan_ahead.py) forced on, in 1 KiB chunks: for
+    each flip in a live segment, start-up names the same damage (file, byte, seq, reason)
+    or loads the same state as the reader alone."""
+    flips = [flip_ for flip_ in sample_flips(pristine, FLIPS) if file_kind(flip_[0]) == "live segment"]
+    flips = flips[:40]
+    tried: Counter[str] = Counter()
+    started = scan_ahead.ScanAhead.__init__
+
+    def counted(self, chunks):  # noqa: ANN001
+        tried["helpers"] += 1
+        started(self, chunks)
+
+    for name, offset, bit in flips:
+        data_dir = fresh_copy(pristine, tmp_path / "data")
+        flip(data_dir / name, offset, bit)
+        alone = outcome(data_dir)
+        with monkeypatch.context() as patched:
+            patched.setattr(scan_ahead, "MIN_HELPER_BYTES", 0)
+            patched.setattr(scan_ahead, "CHUNK_BYTES", 1024)
+            patched.setattr(scan_ahead, "usable_cpus", lambda: 2)
+            patched.setattr(scan_ahead.ScanAhead, "__init__", counted)
+            helped = outcome(data_dir)
+        assert helped == alone, f"bit {bit} of byte {offset} of {name}"
+        tried[alone[0]] += 1
+    assert len(flips) >= 20 and tried["JournalCorrupt"] >= 10, tried
+    assert tried["helpers"] == len(flips)
