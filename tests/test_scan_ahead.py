@@ -232,3 +232,17 @@ def test_a_helper_killed_mid_replay_leaves_its_chunks_to_the_reader(tmp_path, he
     assert "replay helper failed" in caplog.text and "helper exited (-9)" in caplog.text
     assert helped.committed_entries() == replayed_store(tmp_path, simple_puts=False).committed_entries()
     assert reader.last_seq == 3000
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("100000 100000\n", 1.0), ("150000 100000\n", 1.5), ("max 100000\n", None), ("garbage", None),
+])
+def test_a_cgroup_cpu_quota_caps_the_usable_cpus(tmp_path, monkeypatch, cpu_max, expected):
+    """A container limited to one CPU (docker --cpus 1) still sees every host CPU in its
+    affinity; its quota decides, so the helper does not compete with kvd for one CPU."""
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    monkeypatch.setattr(scan_ahead, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    monkeypatch.setattr(scan_ahead.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert scan_ahead.usable_cpus() == (4 if expected is None else expected)
+    monkeypatch.setattr(scan_ahead, "CGROUP_CPU_MAX", tmp_path / "absent")
+    assert scan_ahead.usable_cpus() == 4

@@ -116,11 +116,23 @@ def _scan(chunk: Chunk) -> ChunkScan:
     return ChunkScan(begin, pieces)
 
 
-def usable_cpus() -> int:
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD", or "max PERIOD"
+
+
+def usable_cpus() -> float:
+    """CPUs this process may use: its affinity (taskset, cpuset), capped by a cgroup
+    CPU quota (``docker run --cpus``, compose ``cpus:``), which affinity does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus: float = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to honour
+    return cpus
 
 
 def plan_chunks(segments: list[Path]) -> list[Chunk]:
