@@ -246,3 +246,16 @@ def test_a_cgroup_cpu_quota_caps_the_usable_cpus(tmp_path, monkeypatch, cpu_max,
     assert scan_ahead.usable_cpus() == (4 if expected is None else expected)
     monkeypatch.setattr(scan_ahead, "CGROUP_CPU_MAX", tmp_path / "absent")
     assert scan_ahead.usable_cpus() == 4
+
+
+def test_no_temp_directory_means_replaying_alone(tmp_path, helper_on, monkeypatch, caplog):
+    """A read-only file system (no temp directory for the helper's results): replay alone."""
+    write_segments(tmp_path / "data", mixed_records(1000), per_segment=1000)
+
+    def read_only(prefix):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(scan_ahead.tempfile, "mkdtemp", read_only)
+    reader = JournalReader(tmp_path / "data")
+    assert read_all(reader) == list(range(1, 1001))
+    assert "replay helper could not start" in caplog.text

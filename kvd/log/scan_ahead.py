@@ -168,7 +168,8 @@ class ScanAhead:
 
     def __init__(self, chunks: list[Chunk]) -> None:
         self._pending = deque(enumerate(chunks))
-        self._results = Path(tempfile.mkdtemp(prefix="kvd-replay-"))
+        self._results: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         package_root = str(Path(__file__).resolve().parents[2])  # where ``kvd`` imports from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [package_root, os.environ.get("PYTHONPATH")])
@@ -176,8 +177,8 @@ class ScanAhead:
         plan = "".join(
             json.dumps([chunk.start, chunk.stop, os.fsdecode(chunk.path)]) + "\n" for chunk in chunks
         )
-        self._process: subprocess.Popen[bytes] | None = None
         try:
+            self._results = Path(tempfile.mkdtemp(prefix="kvd-replay-"))
             self._process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(self._results)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
@@ -185,8 +186,9 @@ class ScanAhead:
             assert self._process.stdin is not None
             self._process.stdin.write(plan.encode())
             self._process.stdin.close()
-        except OSError as exc:
+        except OSError as exc:  # no temp directory, no process: slower, not wrong
             log.warning("replay helper could not start: %r; replaying alone", exc)
+            self._stop()
 
     def first_start(self, path: Path) -> int | None:
         """Where in ``path`` the helper's chunks start (a byte hint), if they do."""
@@ -207,6 +209,7 @@ class ScanAhead:
             done = self._process.stdout.readline()
             if done != b"%d\n" % number:
                 raise RuntimeError(f"helper exited ({self._process.wait()})")
+            assert self._results is not None
             result = self._results / f"{number}.pickle"
             scan = pickle.loads(result.read_bytes())
             result.unlink()
@@ -228,7 +231,8 @@ class ScanAhead:
     def close(self) -> None:
         self._pending.clear()
         self._stop()
-        shutil.rmtree(self._results, ignore_errors=True)
+        if self._results is not None:
+            shutil.rmtree(self._results, ignore_errors=True)
 
 
 def _helper_main(results: Path) -> None:
