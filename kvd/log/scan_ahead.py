@@ -12,8 +12,8 @@ record, damage, a torn tail) in full, from the file, exactly as when it
 reads alone. The helper changes how fast replay is, never what it accepts.
 
 It runs only where it pays: at least two CPUs this process may use (a server
-pinned to one core replays alone) and enough bytes to outweigh starting a
-Python process (about 0.15 s). It is a new interpreter, not a fork, since
+pinned to one core, or held under two CPUs by a cgroup quota, replays alone)
+and enough bytes to outweigh starting a Python process (about 0.15 s). It is a new interpreter, not a fork, since
 replay runs beside the event loop's thread.
 """
 
@@ -85,6 +85,8 @@ def line_start(file: BinaryIO, at: int) -> int:
 
 
 def _scan(chunk: Chunk) -> ChunkScan:
+    """Split and check one chunk's lines (in the helper): what the reader, alone,
+    would do with them before it links each run to the record before."""
     pieces: list[SimplePuts | int] = []
 
     def leave(size: int) -> None:
