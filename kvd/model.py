@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,6 +47,16 @@ class KeyFilter(Protocol):
     prefix: str
     """Every matching key starts with this (may be empty): listings scan only that range."""
 
+    # Optional: ``prefix_only`` True says every key starting with ``prefix``
+    # matches, so listings skip ``match`` (read with getattr, default False).
+
     def match(self, key: str) -> bool:
         """Whether the whole key matches."""
         ...
+
+
+def match_of(key_filter: KeyFilter | None) -> Callable[[str], bool] | None:
+    """The per-key test a listing must apply within the filter's prefix range (None: none)."""
+    if key_filter is None or getattr(key_filter, "prefix_only", False):
+        return None
+    return key_filter.match

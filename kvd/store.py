@@ -35,7 +35,7 @@ from kvd.log.format import OP_CLEAR, OP_DELETE, OP_EXPIRE, OP_PUT, Record, forma
 from kvd.log.journal import Journal, JournalUnavailable, Superseded
 from kvd.log.simple_puts import SimplePuts
 from kvd.log.snapshot import EntryBatch
-from kvd.model import Change, Entry, KeyFilter
+from kvd.model import Change, Entry, KeyFilter, match_of
 
 _REVISION = struct.Struct("<Q")  # after the value in each packed entry
 _REVISION_BYTES = _REVISION.size
@@ -149,7 +149,7 @@ class Store:
         between batches; a key that exists throughout is yielded exactly once.
         """
         prefix = key_filter.prefix if key_filter is not None else ""
-        match = key_filter.match if key_filter is not None else None
+        match = match_of(key_filter)
         upper = _prefix_upper_bound(prefix)
         lower = after if after is not None and after >= prefix else prefix
         inclusive_lower = after is None or after < prefix

@@ -278,6 +278,19 @@ def test_prefix_is_the_literal_head_of_the_pattern(pattern: str, prefix: str) ->
     assert compile_pattern(pattern).prefix == prefix
 
 
+@pytest.mark.parametrize(
+    ("pattern", "prefix_only"),
+    [
+        ("user:*", True), ("user:$", True), ("user:**$", True), ("*", True), ("a\\*b*", True),
+        ("user:42", False), ("user:$:name", False), ("us?r*", False), ("*user", False),
+        ("a\\*", False), ("", False),
+    ],
+)
+def test_a_literal_head_and_one_final_star_run_is_prefix_only(pattern: str, prefix_only: bool) -> None:
+    """Listings skip ``match`` for these: every key starting with the prefix matches."""
+    assert compile_pattern(pattern).prefix_only is prefix_only
+
+
 # --- property: implementation agrees with the reference model --------------
 
 ALPHABET = "ab*$?\\"
@@ -412,3 +425,14 @@ def test_make_plugin_without_settings_returns_the_plugin() -> None:
 def test_make_plugin_rejects_any_setting() -> None:
     with pytest.raises(ValueError, match=r"unknown setting plugins\.filter\.case_insensitive"):
         make_plugin({"case_insensitive": True})
+
+
+@settings(max_examples=600, deadline=None)
+@given(pattern=patterns, key=keys)
+def test_prefix_only_means_the_prefix_decides(pattern: str, key: str) -> None:
+    try:
+        compiled = compile_pattern(pattern)
+    except BadRequest:
+        return
+    if compiled.prefix_only:
+        assert compiled.match(key) is key.startswith(compiled.prefix)

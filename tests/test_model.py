@@ -41,12 +41,14 @@ from kvd import jsonio
 from kvd.errors import NotFound
 from kvd.log.format import format_ts, parse_ts
 from kvd.model import Change, Entry
+from kvd.plugins.filter import compile_pattern
 
 EXAMPLES = int(os.environ.get("KVD_TEST_MODEL_EXAMPLES", "75"))
 STEPS = int(os.environ.get("KVD_TEST_MODEL_STEPS", "50"))
 
 # Few keys, so that writes collide; a separator, a space, non-ASCII, a long one.
 KEYS = ["a", "b", "user/42", "with space", "\u00fcber", "\u2603", "k" * 300]
+FILTERS = ["user/*", "k*", "*", "w*e", "w*x", "user/*3", "a*b", "?", "\u00fc*", "user/42"]
 QUARTER = 0.25
 
 json_values = st.recursive(
@@ -306,6 +308,11 @@ class StoreMachine(RuleBasedStateMachine):
             assert store.current(key) == want  # no write in flight: the writers' view agrees
         listed = [pair for batch in store.scan(batch=3) for pair in batch]
         assert listed == [(key, entry.value) for key, entry in sorted(visible.items())]
+        for pattern in FILTERS:  # prefix-only ones skip match: the range must say it all
+            compiled = compile_pattern(pattern)
+            listed = [pair for batch in store.scan(compiled, batch=2) for pair in batch]
+            assert listed == [(key, entry.value) for key, entry in sorted(visible.items())
+                              if compiled.match(key)], pattern
 
 
 TestStoreMatchesADictModel = StoreMachine.TestCase

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import bisect
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -35,7 +35,7 @@ from kvd.handlers.feed import parse_seq, retained_history
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record, parse_ts
 from kvd.log.history import History, HistoryGone
 from kvd.log.journal import JournalUnavailable
-from kvd.model import Change, Entry, KeyFilter
+from kvd.model import Change, Entry, KeyFilter, match_of
 
 MAX_KEY_BYTES = 1024
 MERGE_PATCH_TYPE = "application/merge-patch+json"
@@ -93,6 +93,15 @@ def key_body(key: str, value: bytes) -> bytes:
     return b"{" + orjson.dumps(key) + b":" + value + b"}"
 
 
+def json_members(pairs: Iterable[tuple[str, bytes]]) -> bytes:
+    """``"key":value`` members joined by commas, the values' compact JSON as it is.
+
+    One ``orjson.dumps`` of the batch with each value as a Fragment: about
+    half the cost of encoding key by key and concatenating.
+    """
+    return orjson.dumps({key: orjson.Fragment(value) for key, value in pairs})[1:-1]
+
+
 # --- ?at= ------------------------------------------------------------------------
 
 
@@ -110,8 +119,8 @@ class PastState:
         """Its keys and values sorted by key (code point order), only those ``key_filter`` matches."""
         keys = sorted(self.entries)
         if key_filter is not None:
-            prefix, match = key_filter.prefix, key_filter.match
-            keys = [key for key in keys if key.startswith(prefix) and match(key)]
+            prefix, match = key_filter.prefix, match_of(key_filter)
+            keys = [key for key in keys if key.startswith(prefix) and (match is None or match(key))]
         return [(key, self.entries[key].value) for key in keys]
 
 
@@ -284,8 +293,7 @@ class KeysHandler(KeysBodyHandler):
         page, more = self._page(key_filter, after, limit or MAX_LIMIT, items)
         if more:
             self.set_header("Link", f'<{self._next_url(page[-1][0], limit)}>; rel="next"')
-        body = b",".join(orjson.dumps(key) + b":" + value for key, value in page)
-        self.finish(b"{" + body + b"}")
+        self.finish(b"{" + json_members(page) + b"}")
 
     def _batches(
         self, key_filter: KeyFilter | None, after: str | None, batch: int,
@@ -301,10 +309,10 @@ class KeysHandler(KeysBodyHandler):
     ) -> None:
         opened = False
         for batch in self._batches(key_filter, None, LISTING_BATCH, past):
-            parts = [orjson.dumps(key) + b":" + value for key, value in self.visible(batch)]
-            if not parts:
+            members = json_members(self.visible(batch))
+            if not members:
                 continue
-            self.write((b"," if opened else b"{") + b",".join(parts))
+            self.write((b"," if opened else b"{") + members)
             opened = True
             if len(batch) >= LISTING_BATCH:
                 await self.flush()  # stream: never build the whole listing in memory

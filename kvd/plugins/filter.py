@@ -58,6 +58,8 @@ class KeyPattern:
     _middle: tuple[_Segment, ...] = field(repr=False, compare=False)
     _tail: _Segment | None = field(repr=False, compare=False)
     _min_length: int = field(repr=False, compare=False)
+    prefix_only: bool = False
+    """Every key that starts with ``prefix`` matches (``abc*``): listings need not call ``match``."""
 
     def match(self, key: str) -> bool:
         """Whether the whole key matches the pattern."""
@@ -139,7 +141,12 @@ def compile_pattern(pattern: str) -> KeyPattern:
     segments = [_segment(piece) for piece in pieces]
     tail = segments[-1] if len(segments) > 1 else None
     min_length = sum(segment.length for segment in segments)
-    return KeyPattern(pattern, prefix, None, segments[0], tuple(segments[1:-1]), tail, min_length)
+    # Literals, then one star run at the end: the prefix says it all. The common
+    # listing (``orders/*``); calling match per key was most of its cost.
+    prefix_only = len(pieces) == 2 and not pieces[1] and len(literal_head) == len(head_piece)
+    return KeyPattern(
+        pattern, prefix, None, segments[0], tuple(segments[1:-1]), tail, min_length, prefix_only
+    )
 
 
 class FilterPlugin:
