@@ -10,6 +10,7 @@ damage named at the same offset, the same torn tail.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
 import signal
@@ -259,3 +260,19 @@ def test_no_temp_directory_means_replaying_alone(tmp_path, helper_on, monkeypatc
     reader = JournalReader(tmp_path / "data")
     assert read_all(reader) == list(range(1, 1001))
     assert "replay helper could not start" in caplog.text
+
+
+def test_chunks_dropped_unread_leave_the_next_segments_chunks_to_the_reader(tmp_path, helper_on):
+    """The reader stopped early in one segment: the helper, which would report that
+    segment's chunks first, is stopped, and the next segment's chunks come back empty."""
+    write_segments(tmp_path, puts(600), per_segment=300)
+    first, second = sorted(tmp_path.iterdir())
+    ahead = scan_ahead.ScanAhead([scan_ahead.Chunk(first, 0, 4096), scan_ahead.Chunk(first, 4096, 8192),
+                                  scan_ahead.Chunk(second, 0, 4096)])
+    try:
+        [(chunk, scan)] = list(itertools.islice(ahead.scans(first), 1))
+        assert scan is not None and scan.begin == 0
+        ahead.drop(first)
+        assert [(chunk.path, scan) for chunk, scan in ahead.scans(second)] == [(second, None)]
+    finally:
+        ahead.close()

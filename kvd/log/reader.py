@@ -129,6 +129,15 @@ class JournalReader:
     def _read_segment(
         self, path: Path, is_last: bool, simple_puts: bool, ahead: ScanAhead | None
     ) -> Iterator[Record | SimplePuts]:
+        try:
+            yield from self._read_segment_with(path, is_last, simple_puts, ahead)
+        finally:
+            if ahead is not None:
+                ahead.drop(path)  # what a torn tail left unread, so the next segment starts clean
+
+    def _read_segment_with(
+        self, path: Path, is_last: bool, simple_puts: bool, ahead: ScanAhead | None
+    ) -> Iterator[Record | SimplePuts]:
         handoff = ahead.first_start(path) if ahead is not None else None
         with open(path, "rb") as file:
             stop = line_start(file, handoff) if handoff is not None else None

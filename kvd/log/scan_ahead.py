@@ -203,6 +203,19 @@ class ScanAhead:
             number, chunk = self._pending.popleft()
             yield chunk, self._take(number, chunk)
 
+    def drop(self, path: Path) -> None:
+        """Forget the chunks of ``path`` not taken (the reader stopped early in it).
+
+        The helper would report them first, so it is stopped: any later chunk
+        is then the reader's to read alone.
+        """
+        dropped = False
+        while self._pending and self._pending[0][1].path == path:
+            self._pending.popleft()
+            dropped = True
+        if dropped:
+            self._stop()
+
     def _take(self, number: int, chunk: Chunk) -> ChunkScan | None:
         if self._process is None:
             return None
