@@ -8,6 +8,7 @@ until the journal has been replayed.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import signal
@@ -181,6 +182,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         gc.freeze()
         gc.enable()
     mark_ready(ctx)
+    release_free_memory()
     log.info(
         "ready: %d keys at revision %d, replay took %.2fs",
         len(store), journal.last_seq, time.monotonic() - started,
@@ -202,6 +204,21 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     await journal.close()
     log.info("stopped at revision %d", journal.last_seq)
     return EXIT_OK
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS once replay is done (glibc only).
+
+    Replay's passing buffers and the sorted index's build leave about 20 MiB
+    free but resident for 1M keys; glibc returns only the top of the heap by
+    itself. Elsewhere (musl, macOS) there is nothing to call, and nothing lost.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _tls_context(certfile: str, keyfile: str) -> ssl.SSLContext | None:

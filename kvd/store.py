@@ -112,9 +112,11 @@ class Store:
         and count the live bytes (replay skips that too)."""
         self._index = SortedList(self._packed)
         self._rebuild_expiry_heap()
-        keys = "".join(self._packed)
+        keys = self._packed.keys()
+        non_ascii = itertools.filterfalse(str.isascii, keys)  # counted again, as UTF-8
         self.live_bytes = (
-            (len(keys) if keys.isascii() else len(keys.encode()))
+            sum(map(len, keys))
+            + sum(len(key.encode()) - len(key) for key in non_ascii)
             + sum(map(len, self._packed.values()))
             - _REVISION_BYTES * len(self._packed)
         )

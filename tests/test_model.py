@@ -389,3 +389,16 @@ def test_a_sweep_journals_each_expired_key_once(tmp_path: Path) -> None:
     assert [line["op"] for line in lines] == ["put", "put", "expire"]
     assert lines[-1]["keys"] == ["session"]
     assert removed == 1
+
+
+def test_live_bytes_count_keys_as_utf8_and_values_as_stored() -> None:
+    """What compaction's dead-bytes ratio and the replay benchmark compare with."""
+    from kvd.log.simple_puts import SimplePuts
+    from kvd.store import Store
+
+    pairs = {"a": b"1", "\u00fcber": b'"x"', "\u2603": b"[1,2]", "k" * 300: b"null", "": b"{}"}
+    store = Store()
+    store.replay_puts(SimplePuts(1, list(pairs), list(pairs.values()), b"", b"", 0, b""))
+    store.finish_replay()
+    assert store.live_bytes == sum(len(key.encode()) + len(value) for key, value in pairs.items())
+    assert store.live_bytes == 1 + 1 + 5 + 3 + 3 + 5 + 300 + 4 + 0 + 2
