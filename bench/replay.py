@@ -14,7 +14,8 @@ default both cores, where a helper process checks the journal's later part
   every 20 ms; kvd logs it as /readyz turns 200, which is then checked once),
   interpreter start-up and imports included;
 - replay: the ``replay took`` figure kvd logs;
-- peak RSS (VmHWM) once ready, and the helper's own peak RSS as kvd logs it;
+- peak RSS (VmHWM) once ready, the resident set then (VmRSS, column
+  "ready", over the live data), and the helper's own peak RSS as kvd logs it;
 
 Then it compacts a copy of the journal (as ``kvd journal compact`` does: a
 snapshot of the live state, no records after it) and measures a start from
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median of {args.repeats} starts; empty store: ready {baseline['ready_s']:.2f}s, "
           f"RSS {baseline['rss_hwm_mib']:.1f} MiB")
     header = (f"{'records':>9} {'keys':>9} {'CPUs':>5} {'journal MB':>10} {'live MB':>8} {'ready s':>8} "
-              f"{'replay s':>8} {'s per 1M':>8} {'RSS MiB':>8} {'RSS/live':>8} {'(-empty)':>8} {'helper':>7}")
+              f"{'replay s':>8} {'s per 1M':>8} {'RSS MiB':>8} {'RSS/live':>8} {'(-empty)':>8} {'ready':>6} {'helper':>7}")
     print(header)
     print("-" * len(header))
     targets = []
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant['records']:>9} {variant['keys']:>9} {cpus:>5} {variant['journal_bytes'] / 1e6:>10.1f} "
                   f"{variant['live_bytes'] / 1e6:>8.1f} {m['ready_s']:>8.2f} {replay:>8.2f} "
                   f"{replay * per_million:>8.2f} {m['rss_hwm_mib']:>8.1f} {ratio:>8.2f} {above_empty:>8.2f} "
-                  f"{helper:>7}")
+                  f"{m['rss_mib'] / live_mib:>6.2f} {helper:>7}")
             label = f"{variant['records']} records, {variant['keys']} keys, CPUs {cpus}"
             for what, value, goal in (
                 ("replay (kvd's 'replay took') per 1M records", replay * per_million, REPLAY_TARGET_S),
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'snapshot':>9} {variant['keys']:>9} {cpus:>5} {snapshot['bytes'] / 1e6:>10.1f} "
                   f"{variant['live_bytes'] / 1e6:>8.1f} {sm['ready_s']:>8.2f} {s_replay:>8.2f} "
                   f"{s_replay * 1_000_000 / variant['keys']:>8.2f} {sm['rss_hwm_mib']:>8.1f} {s_ratio:>8.2f} "
-                  f"{(sm['rss_hwm_mib'] - baseline['rss_hwm_mib']) / live_mib:>8.2f} {'-':>7}")
+                  f"{(sm['rss_hwm_mib'] - baseline['rss_hwm_mib']) / live_mib:>8.2f} "
+                  f"{sm['rss_mib'] / live_mib:>6.2f} {'-':>7}")
             result["ratios"] = {"load_s_per_million_keys": s_replay * 1_000_000 / variant["keys"],
                                 "rss_over_live": s_ratio}
             label = f"snapshot of {variant['keys']} keys, CPUs {cpus}"
