@@ -4,7 +4,8 @@
 
 For each key count it writes a journal of RECORDS put records with
 bench/make_journal.py (one key per record, ~100-byte values, keys cycling
-over KEYS names; KEYS = RECORDS makes every record a distinct key), then
+over KEYS names, first written in a random order unless --key-order sorted;
+KEYS = RECORDS makes every record a distinct key), then
 REPEATS times copies it to a fresh data directory, starts
 ``kvd serve --port 0`` on it, pinned to each CPU set of --cpus in turn (by
 default both cores, where a helper process checks the journal's later part
@@ -166,7 +167,7 @@ def measure_variant(args: argparse.Namespace, opts: Options, keys: int, work: Pa
     pristine = work / f"journal-{keys}"
     print(f"writing {args.records} records over {keys} keys ...", file=sys.stderr, flush=True)
     written_at = time.monotonic()
-    size = make_journal(pristine, args.records, keys)
+    size = make_journal(pristine, args.records, keys, shuffled=args.key_order == "random")
     made = time.monotonic() - written_at
     live_keys, raw = live_bytes(pristine)
     by_cpus = start_runs(args, opts, pristine, work, "journal")
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated distinct-key counts, one journal each "
                              "(default 100000,1000000)")
     parser.add_argument("--repeats", type=int, default=3, help="starts per journal (median)")
+    parser.add_argument("--key-order", choices=("random", "sorted"), default="random",
+                        help="the order keys are first written in (default random, as real keys "
+                             "come; sorted makes start-up's index build almost free)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--kvd-path", type=Path, default=REPO_ROOT, help=KVD_PATH_HELP)
@@ -303,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "machine": machine,
         "params": {"records": args.records, "keys": key_counts, "repeats": args.repeats,
+                   "key_order": args.key_order,
                    "cpu_sets": args.cpu_sets},
         "empty_store": baseline,
         "variants": variants,
