@@ -276,3 +276,19 @@ def test_chunks_dropped_unread_leave_the_next_segments_chunks_to_the_reader(tmp_
         assert [(chunk.path, scan) for chunk, scan in ahead.scans(second)] == [(second, None)]
     finally:
         ahead.close()
+
+
+def test_a_helper_whose_server_is_gone_removes_its_results_and_exits(tmp_path, helper_on):
+    """kvd killed mid-replay: the helper finds its pipe closed at its next report."""
+    write_segments(tmp_path, puts(2000), per_segment=2000)
+    (path,) = sorted(tmp_path.iterdir())
+    size = path.stat().st_size
+    ahead = scan_ahead.ScanAhead([scan_ahead.Chunk(path, start, min(start + 8192, size))
+                                  for start in range(0, size, 8192)])
+    process, results = ahead._process, ahead._results
+    assert process is not None and results is not None
+    process.stdout.close()  # what the server's death does to the pipe
+    assert process.wait(timeout=30) == 0
+    assert not results.exists()
+    ahead._process = None
+    ahead.close()

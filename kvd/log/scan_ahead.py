@@ -251,15 +251,23 @@ class ScanAhead:
 
 
 def _helper_main(results: Path) -> None:
-    """The helper process: scan each chunk of the plan on stdin, in order."""
+    """The helper process: scan each chunk of the plan on stdin, in order.
+
+    When the server is gone (killed mid-replay), the next report finds its
+    pipe closed: the helper then removes the results it left and stops.
+    """
     gc.disable()  # it builds many objects and keeps none between chunks
-    for number, line in enumerate(sys.stdin):
-        start, stop, path = json.loads(line)
-        scan = _scan(Chunk(Path(path), start, stop))
-        with open(results / f"{number}.pickle", "wb") as out:
-            pickle.dump(scan, out, protocol=pickle.HIGHEST_PROTOCOL)
-        sys.stdout.write(f"{number}\n")
-        sys.stdout.flush()
+    try:
+        for number, line in enumerate(sys.stdin):
+            start, stop, path = json.loads(line)
+            scan = _scan(Chunk(Path(path), start, stop))
+            with open(results / f"{number}.pickle", "wb") as out:
+                pickle.dump(scan, out, protocol=pickle.HIGHEST_PROTOCOL)
+            sys.stdout.write(f"{number}\n")
+            sys.stdout.flush()
+    except BrokenPipeError:
+        shutil.rmtree(results, ignore_errors=True)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
 
 
 if __name__ == "__main__":
