@@ -14,6 +14,8 @@ import itertools
 import os
 import pickle
 import signal
+import subprocess
+import sys
 
 import pytest
 from test_simple_puts import TS, mixed_records, replayed_store
@@ -292,3 +294,17 @@ def test_a_helper_whose_server_is_gone_removes_its_results_and_exits(tmp_path, h
     assert not results.exists()
     ahead._process = None
     ahead.close()
+
+
+def test_results_of_servers_no_longer_running_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(scan_ahead.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"kvd-replay-{dead.pid}-abc"
+    live = tmp_path / f"kvd-replay-{os.getpid()}-def"
+    other = tmp_path / "kvd-replay-notapid-x"
+    for path in (stale, live, other):
+        path.mkdir()
+        (path / "0.pickle").write_bytes(b"x")
+    scan_ahead._remove_stale_results()
+    assert not stale.exists() and live.exists() and other.exists()

@@ -40,8 +40,18 @@ def test_keys_and_readyz_answer_503_until_replay_is_done(kvd_process, tmp_path):
 def child_pids(pid: int) -> set[int]:
     children: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children.update(map(int, (task / "children").read_text().split()))
+        try:
+            children.update(map(int, (task / "children").read_text().split()))
+        except FileNotFoundError:  # a thread that just ended
+            continue
     return children
+
+
+def command_line(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except FileNotFoundError:
+        return []
 
 
 @pytest.mark.slow
@@ -60,6 +70,45 @@ def test_a_large_journal_replays_with_a_helper_process_that_then_exits(kvd_proce
     # key00000001 was last written by seq 140001 (seq % 70000 == 1), in the helper's part
     assert server.get_key("key00000001").json()["key00000001"].startswith("value-00140001-")
     assert child_pids(server.process.pid) == set()
+
+
+def gone(pid: int) -> bool:
+    """Exited, or a zombie waiting for a reaper (the sandbox's init may not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_killing_kvd_mid_replay_leaves_no_helper_and_no_results(kvd_process, tmp_path):
+    """SIGKILL while the helper works: it stops by itself, its temp directory goes,
+    and the next start replays everything."""
+    from kvd.log import scan_ahead
+
+    if scan_ahead.usable_cpus() < 2:
+        pytest.skip("one usable CPU: start-up replays without a helper (the unit tests cover both)")
+    data = tmp_path / "data"
+    make_journal(data, records=200_000, keys=70_000)
+    server = kvd_process(data_dir=data, wait_ready=False)
+    deadline = time.monotonic() + 30
+    helpers: dict[int, list[bytes]] = {}
+    while not helpers and time.monotonic() < deadline:
+        helpers = {pid: argv for pid in child_pids(server.process.pid)
+                   if b"kvd.log.scan_ahead" in (argv := command_line(pid))}
+    assert helpers, "no helper process appeared"
+    ((helper, argv),) = helpers.items()
+    results = Path(argv[-1].decode())
+    assert results.name.startswith("kvd-replay-")
+    assert server.kill() == -9
+    while not gone(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(helper), "the helper outlived its server"
+    # Removed by the helper when its report finds the pipe closed; by the next
+    # start when the helper was already done and the server died before it could.
+    again = kvd_process(data_dir=data)
+    assert "ready: 70000 keys at revision 200000" in again.log()
+    assert not results.exists()
 
 
 @pytest.mark.slow

@@ -156,6 +156,28 @@ def plan_chunks(segments: list[Path]) -> list[Chunk]:
     return chunks
 
 
+RESULTS_PREFIX = "kvd-replay-"  # then the server's pid: kvd-replay-PID-XXXXXXXX
+
+
+def _remove_stale_results() -> None:
+    """Results directories of servers no longer running (killed while their helper
+    was done but before they removed its directory)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{RESULTS_PREFIX}*-*"):
+        owner = path.name[len(RESULTS_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not _running(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
 class ScanAhead:
     """The helper process and its chunk scans, handed to the reader in journal order.
 
@@ -180,7 +202,8 @@ class ScanAhead:
             json.dumps([chunk.start, chunk.stop, os.fsdecode(chunk.path)]) + "\n" for chunk in chunks
         )
         try:
-            self._results = Path(tempfile.mkdtemp(prefix="kvd-replay-"))
+            _remove_stale_results()
+            self._results = Path(tempfile.mkdtemp(prefix=f"{RESULTS_PREFIX}{os.getpid()}-"))
             self._process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(self._results)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
