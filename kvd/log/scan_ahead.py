@@ -178,12 +178,21 @@ def _running(pid: int) -> bool:
     return True
 
 
+# The helper's command line: this module's _helper_main, with where ``kvd`` imports
+# from appended to sys.path (last: a PYTHONPATH entry would come before the
+# standard library, where another site-packages module could shadow it).
+_HELPER_CODE = (
+    "import sys; sys.path.append(sys.argv[2]); "
+    "from kvd.log.scan_ahead import _helper_main; _helper_main(sys.argv[1])"
+)
+
+
 class ScanAhead:
     """The helper process and its chunk scans, handed to the reader in journal order.
 
-    The helper is ``python -m kvd.log.scan_ahead RESULTS_DIR`` with the chunks
-    on its stdin; it pickles each chunk's scan to a file there and names it on
-    stdout. Files, not a pipe, carry the scans: the reader's thread holds the
+    The helper is a new interpreter running ``_helper_main(RESULTS_DIR)`` with
+    the chunks on its stdin; it pickles each chunk's scan to a file there and
+    names it on stdout. Files, not a pipe, carry the scans: the reader's thread holds the
     GIL while it works, and a large message read 64 KiB at a time by any
     thread of this process would stall for up to 5 ms a read (the switch
     interval). A plain process, not a multiprocessing pool, so nothing (no
@@ -195,9 +204,6 @@ class ScanAhead:
         self._results: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         package_root = str(Path(__file__).resolve().parents[2])  # where ``kvd`` imports from
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [package_root, os.environ.get("PYTHONPATH")])
-        )}
         plan = "".join(
             json.dumps([chunk.start, chunk.stop, os.fsdecode(chunk.path)]) + "\n" for chunk in chunks
         )
@@ -205,8 +211,8 @@ class ScanAhead:
             _remove_stale_results()
             self._results = Path(tempfile.mkdtemp(prefix=f"{RESULTS_PREFIX}{os.getpid()}-"))
             self._process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(self._results)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                [sys.executable, "-c", _HELPER_CODE, str(self._results), package_root],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             )
             assert self._process.stdin is not None
             self._process.stdin.write(plan.encode())
@@ -273,28 +279,24 @@ class ScanAhead:
             shutil.rmtree(self._results, ignore_errors=True)
 
 
-def _helper_main(results: Path) -> None:
+def _helper_main(results: str) -> None:
     """The helper process: scan each chunk of the plan on stdin, in order.
 
     When the server is gone (killed mid-replay), the next report finds its
     pipe closed: the helper then removes the results it left and stops.
     """
     gc.disable()  # it builds many objects and keeps none between chunks
+    directory = Path(results)
     try:
         for number, line in enumerate(sys.stdin):
             start, stop, path = json.loads(line)
             scan = _scan(Chunk(Path(path), start, stop))
-            with open(results / f"{number}.pickle", "wb") as out:
+            with open(directory / f"{number}.pickle", "wb") as out:
                 pickle.dump(scan, out, protocol=pickle.HIGHEST_PROTOCOL)
             sys.stdout.write(f"{number}\n")
             sys.stdout.flush()
     except BrokenPipeError:
-        shutil.rmtree(results, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
 
 
-if __name__ == "__main__":
-    # Through the module's own name, so the pickled scans name kvd.log.scan_ahead's classes.
-    from kvd.log.scan_ahead import _helper_main as main
-
-    main(Path(sys.argv[1]))
