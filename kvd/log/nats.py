@@ -199,6 +199,7 @@ class NatsJournal(FileJournal):
         async def reconnected() -> None:
             self._connected = True
             log.info("NATS reconnected to %s", self._nc.connected_url.netloc if self._nc else "?")
+            self._doubt_the_stream()
 
         async def error(exc: Exception) -> None:
             log.warning("NATS: %s", exc)
@@ -554,7 +555,18 @@ class NatsJournal(FileJournal):
         for item in failed:
             if item.future is not None and not item.future.done():
                 item.future.set_exception(error)
-        if self._probe is None or self._probe.done():
+        self._start_probe()
+
+    def _doubt_the_stream(self) -> None:
+        """Reconnected, perhaps to a server whose stream lost its quorum with the one
+        that went away: not ready until the stream shows one (the probe asks every
+        second), rather than ready until a write fails."""
+        if self._unconfirmed_since is None:
+            self._unconfirmed_since = asyncio.get_running_loop().time() - 2 * STALLED_SECONDS
+        self._start_probe()
+
+    def _start_probe(self) -> None:
+        if self._js is not None and (self._probe is None or self._probe.done()):
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_confirming())
 
     async def _probe_until_confirming(self) -> None:
