@@ -22,6 +22,7 @@ from test_simple_puts import TS, mixed_records, replayed_store
 
 from kvd.log import scan_ahead
 from kvd.log.format import GENESIS_HASH, decode_record, encode_record, segment_name
+from kvd.log.lines import line_start
 from kvd.log.reader import JournalCorrupt, JournalReader
 from kvd.log.simple_puts import SimplePuts, _unpickle_puts, check_run, split_block
 from kvd.store import Store
@@ -65,12 +66,12 @@ def read_all(reader: JournalReader) -> list[int]:
 def test_line_start_gives_every_line_to_exactly_one_chunk():
     data = b"".join(b"x" * length + b"\n" for length in (0, 3, 70, 1, 200000, 5)) + b"tail"
     file = io.BytesIO(data)
-    cuts = sorted({scan_ahead.line_start(file, at) for at in range(0, len(data) + 1, 7)} | {len(data)})
+    cuts = sorted({line_start(file, at) for at in range(0, len(data) + 1, 7)} | {len(data)})
     starts = [0] + [index + 1 for index, byte in enumerate(data) if byte == 10]
     assert set(cuts) <= set(starts) | {len(data)}
-    assert scan_ahead.line_start(file, 1) == 1  # byte 0 ends the empty first line
-    assert scan_ahead.line_start(file, 2) == 5
-    assert scan_ahead.line_start(file, len(data) - 2) == len(data)  # the unterminated tail: no start
+    assert line_start(file, 1) == 1  # byte 0 ends the empty first line
+    assert line_start(file, 2) == 5
+    assert line_start(file, len(data) - 2) == len(data)  # the unterminated tail: no start
 
 
 @pytest.mark.slow
@@ -116,7 +117,7 @@ def test_a_chain_broken_where_a_chunk_begins_is_caught(tmp_path, helper_on, boun
     path = tmp_path / segment_name(1)
     chunk = scan_ahead.plan_chunks([path])[boundary]
     with open(path, "rb") as file:
-        cut = scan_ahead.line_start(file, chunk.start)
+        cut = line_start(file, chunk.start)
     offsets = [sum(map(len, lines[:index])) for index in range(len(lines))]
     first = offsets.index(cut)  # the first record of the chunk, re-chained from elsewhere
     relinked, prev = [], "f" * 64

@@ -54,14 +54,19 @@ def command_line(pid: int) -> list[bytes]:
         return []
 
 
-@pytest.mark.slow
-def test_a_large_journal_replays_with_a_helper_process_that_then_exits(kvd_process, tmp_path):
-    """Past scan_ahead.MIN_HELPER_BYTES, on two CPUs, a spawned helper checks the later
-    part of the journal; the state is the same and no process is left behind."""
+@pytest.fixture
+def two_cpus() -> None:
+    """Start-up's helper process needs a second usable CPU (the unit tests cover both cases)."""
     from kvd.log import scan_ahead
 
     if scan_ahead.usable_cpus() < 2:
         pytest.skip("one usable CPU: start-up replays without a helper (the unit tests cover both)")
+
+
+@pytest.mark.slow
+def test_a_large_journal_replays_with_a_helper_process_that_then_exits(kvd_process, tmp_path, two_cpus):
+    """Past scan_ahead.MIN_HELPER_BYTES, on two CPUs, a spawned helper checks the later
+    part of the journal; the state is the same and no process is left behind."""
     data = tmp_path / "data"
     make_journal(data, records=200_000, keys=70_000)  # 68 MB: the helper's share is past 32 MiB
     server = kvd_process(data_dir=data)
@@ -81,13 +86,9 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_killing_kvd_mid_replay_leaves_no_helper_and_no_results(kvd_process, tmp_path):
+def test_killing_kvd_mid_replay_leaves_no_helper_and_no_results(kvd_process, tmp_path, two_cpus):
     """SIGKILL while the helper works: it stops by itself, its temp directory goes,
     and the next start replays everything."""
-    from kvd.log import scan_ahead
-
-    if scan_ahead.usable_cpus() < 2:
-        pytest.skip("one usable CPU: start-up replays without a helper (the unit tests cover both)")
     data = tmp_path / "data"
     make_journal(data, records=200_000, keys=70_000)
     server = kvd_process(data_dir=data, wait_ready=False)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kvd.log.format import GENESIS_HASH, SEGMENT_SUFFIX, Record, RecordError, decode_record
-from kvd.log.scan_ahead import ScanAhead, line_start, plan_chunks
+from kvd.log.lines import line_blocks, line_start
+from kvd.log.scan_ahead import ScanAhead, plan_chunks
 from kvd.log.simple_puts import Run, SimplePuts, check_run, split_block
 
 _BLOCK_BYTES = 1024 * 1024  # read at a time; lines are split out of each block
@@ -129,39 +130,34 @@ class JournalReader:
     def _read_segment(
         self, path: Path, is_last: bool, simple_puts: bool, ahead: ScanAhead | None
     ) -> Iterator[Record | SimplePuts]:
+        handoff = ahead.first_start(path) if ahead is not None else None
         try:
-            yield from self._read_segment_with(path, is_last, simple_puts, ahead)
+            with open(path, "rb") as file:
+                stop = line_start(file, handoff) if handoff is not None else None
+                offset = yield from self._read_range(file, path, 0, stop, is_last, simple_puts)
+                for chunk, scan in ahead.scans(path) if ahead is not None else ():
+                    if offset is None:
+                        return  # a torn tail or padding ended the segment
+                    if scan is None:  # the helper failed: read the chunk alone
+                        stop = line_start(file, chunk.stop)
+                        offset = yield from self._read_range(file, path, offset, stop, is_last, simple_puts)
+                        continue
+                    assert scan.begin == offset, (scan.begin, offset)
+                    for piece in scan.pieces:
+                        if offset is None:
+                            return
+                        if isinstance(piece, SimplePuts) and self._take(piece):
+                            offset += piece.size
+                            self.bytes_read += piece.size
+                            yield piece
+                        else:
+                            size = piece if isinstance(piece, int) else piece.size
+                            offset = yield from self._read_range(
+                                file, path, offset, offset + size, is_last, simple_puts=False
+                            )
         finally:
             if ahead is not None:
                 ahead.drop(path)  # what a torn tail left unread, so the next segment starts clean
-
-    def _read_segment_with(
-        self, path: Path, is_last: bool, simple_puts: bool, ahead: ScanAhead | None
-    ) -> Iterator[Record | SimplePuts]:
-        handoff = ahead.first_start(path) if ahead is not None else None
-        with open(path, "rb") as file:
-            stop = line_start(file, handoff) if handoff is not None else None
-            offset = yield from self._read_range(file, path, 0, stop, is_last, simple_puts)
-            for chunk, scan in ahead.scans(path) if ahead is not None else ():
-                if offset is None:
-                    return  # a torn tail or padding ended the segment
-                if scan is None:
-                    stop = line_start(file, chunk.stop)
-                    offset = yield from self._read_range(file, path, offset, stop, is_last, simple_puts)
-                    continue
-                assert scan.begin == offset, (scan.begin, offset)
-                for piece in scan.pieces:
-                    if offset is None:
-                        return
-                    if isinstance(piece, SimplePuts) and self._take(piece):
-                        offset += piece.size
-                        self.bytes_read += piece.size
-                        yield piece
-                    else:
-                        size = piece if isinstance(piece, int) else piece.size
-                        offset = yield from self._read_range(
-                            file, path, offset, offset + size, is_last, simple_puts=False
-                        )
 
     def _read_range(
         self, file: BinaryIO, path: Path, offset: int, stop: int | None, is_last: bool,
@@ -169,13 +165,11 @@ class JournalReader:
     ) -> Generator[Record | SimplePuts, None, int | None]:
         """The lines from ``offset`` (a line's start) to ``stop`` (one too, or None: the
         end); returns where they end, or None when a torn tail or padding ended the file."""
-        file.seek(offset)
-        carry = b""  # an unterminated line at the end of the last block
-        while block := file.read(_BLOCK_BYTES if stop is None else min(_BLOCK_BYTES, stop - offset - len(carry))):
-            data = carry + block
-            end = data.rfind(b"\n") + 1
-            whole, carry = data[:end], data[end:]
-            for piece in split_block(whole) if simple_puts else [whole]:
+        for data in line_blocks(file, offset, stop, _BLOCK_BYTES):
+            if not data.endswith(b"\n"):
+                self._stop_at(path, offset, data, is_last)
+                return None
+            for piece in split_block(data) if simple_puts else [data]:
                 if isinstance(piece, Run):
                     puts = check_run(piece)
                     if puts is not None and self._take(puts):
@@ -196,9 +190,6 @@ class JournalReader:
                     self.bytes_read += len(line)
                     if record.seq >= self.start_seq:
                         yield record
-        if carry:
-            self._stop_at(path, offset, carry, is_last)
-            return None
         return offset
 
     def _take(self, puts: SimplePuts) -> bool:

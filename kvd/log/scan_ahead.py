@@ -32,8 +32,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
+from kvd.log.lines import line_blocks, line_start
 from kvd.log.simple_puts import Run, SimplePuts, check_run, split_block
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ HELPER_SHARE = 0.6
 MIN_HELPER_BYTES = 32 * 1024 * 1024  # below this a process costs more than it saves
 CHUNK_BYTES = 4 * 1024 * 1024  # one result file: the reader holds one at a time (16 MiB: +10 MiB RSS)
 _READ_BYTES = 1024 * 1024
-_FIND_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,25 +64,6 @@ class ChunkScan:
     pieces: list[SimplePuts | int]
 
 
-def line_start(file: BinaryIO, at: int) -> int:
-    """Where the first line beginning at or after byte ``at`` begins (the file's size if none).
-
-    The reader and the helper both cut at these offsets, so every line is read
-    by exactly one of them. A raw newline only ever ends a record: JSON
-    escapes the ones in strings.
-    """
-    if at == 0:
-        return 0
-    file.seek(at - 1)
-    position = at - 1
-    while data := file.read(_FIND_BYTES):
-        found = data.find(b"\n")
-        if found >= 0:
-            return position + found + 1
-        position += len(data)
-    return position
-
-
 def _scan(chunk: Chunk) -> ChunkScan:
     """Split and check one chunk's lines (in the helper): what the reader, alone,
     would do with them before it links each run to the record before."""
@@ -97,24 +77,16 @@ def _scan(chunk: Chunk) -> ChunkScan:
 
     with open(chunk.path, "rb") as file:
         begin, end = line_start(file, chunk.start), line_start(file, chunk.stop)
-        file.seek(begin)
-        position, carry = begin, b""
-        while position < end:
-            block = file.read(min(_READ_BYTES, end - position))
-            if not block:
-                break
-            position += len(block)
-            data = carry + block
-            cut = data.rfind(b"\n") + 1
-            carry = data[cut:]
-            for piece in split_block(data[:cut]):
+        for data in line_blocks(file, begin, end, _READ_BYTES):
+            if not data.endswith(b"\n"):
+                leave(len(data))  # an unterminated last line: the reader decides what it is
+                continue
+            for piece in split_block(data):
                 puts = check_run(piece) if isinstance(piece, Run) else None
                 if puts is not None:
                     pieces.append(puts)
                 else:
                     leave(piece.size if isinstance(piece, Run) else len(piece))
-        if carry:
-            leave(len(carry))  # an unterminated last line: the reader decides what it is
     return ChunkScan(begin, pieces)
 
 
