@@ -39,3 +39,14 @@ def peer(current: bool = True, offline: bool = False, active: int = 100_000_000)
 )
 def test_a_stream_has_quorum_when_its_leader_hears_a_majority(cluster, expected):
     assert stream_has_quorum(info(cluster)) is expected
+
+
+def test_a_replica_counts_only_if_heard_within_the_window():
+    """The probe narrows the window to 'since its first answer': a peer killed just
+    before the node reconnected was heard 1.5 s ago, inside the default 3 s."""
+    cluster = ClusterInfo(leader="n1", replicas=[peer(active=1_500_000_000), peer(current=False)])
+    assert stream_has_quorum(info(cluster)) is True
+    assert stream_has_quorum(info(cluster), heard_within_ns=1_000_000_000) is False
+    assert stream_has_quorum(info(cluster), heard_within_ns=0) is False
+    single = ClusterInfo(leader="n1")  # no replicas to hear from: the leader alone decides
+    assert stream_has_quorum(info(single), heard_within_ns=0) is True

@@ -59,11 +59,12 @@ KEEP_SNAPSHOTS = 2  # in the bucket, with archive off; the stream keeps the reco
 PEER_SILENT_NS = 3_000_000_000  # a replica not heard from for this long counts as gone
 
 
-def stream_has_quorum(info) -> bool:  # noqa: ANN001 - nats.js.api.StreamInfo
+def stream_has_quorum(info, heard_within_ns: int = PEER_SILENT_NS) -> bool:  # noqa: ANN001 - nats.js.api.StreamInfo
     """Whether the stream can confirm a write: a leader that hears from a majority.
 
     A leader that just lost its peers still answers ``stream_info`` for a few
-    seconds, so an answer alone does not mean writes would be confirmed.
+    seconds, so an answer alone does not mean writes would be confirmed; a
+    replica counts only if the leader heard from it within ``heard_within_ns``.
     """
     cluster = info.cluster
     if cluster is None or not cluster.replicas:
@@ -72,7 +73,7 @@ def stream_has_quorum(info) -> bool:  # noqa: ANN001 - nats.js.api.StreamInfo
         return False
     heard = sum(
         1 for peer in cluster.replicas
-        if peer.current and not peer.offline and (peer.active or 0) < PEER_SILENT_NS
+        if peer.current and not peer.offline and (peer.active or 0) < heard_within_ns
     )
     return heard + 1 > (len(cluster.replicas) + 1) // 2
 
@@ -570,15 +571,27 @@ class NatsJournal(FileJournal):
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_confirming())
 
     async def _probe_until_confirming(self) -> None:
-        """After an unconfirmed write: ask the stream until it answers, so /readyz recovers without writes."""
+        """After an unconfirmed write or a reconnect: ask the stream every second until
+        it shows a quorum, so /readyz recovers without writes.
+
+        Replicas count only if the leader heard from them after the probe's first
+        answer: a peer killed just before this node reconnected was heard from a
+        moment ago, and would otherwise make a leader without a quorum look whole.
+        """
         assert self._js is not None
+        loop = asyncio.get_running_loop()
+        first_answer: float | None = None
         while self._unconfirmed_since is not None and not self._closed:
             await asyncio.sleep(1.0)
+            asked = loop.time()
             try:
                 info = await self._js.stream_info(self.settings.stream)
             except (NatsError, TimeoutError, OSError):
                 continue
-            if self._inflight is None and stream_has_quorum(info):
+            if first_answer is None:
+                first_answer = loop.time()
+            heard_within_ns = min(PEER_SILENT_NS, int((asked - first_answer) * 1e9))
+            if self._inflight is None and stream_has_quorum(info, heard_within_ns):
                 self._unconfirmed_since = None
 
     def _fail_all_own(self, error: Exception) -> None:
