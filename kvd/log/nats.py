@@ -157,6 +157,7 @@ class NatsJournal(FileJournal):
         self._tasks: set[asyncio.Task[None]] = set()
         self._unconfirmed_since: float | None = None  # when the oldest unconfirmed publish went out
         self._probe: asyncio.Task[None] | None = None
+        self._probe_first_answer: float | None = None  # the window starts again on each reconnect
         self._closing = False
         self._cut_stream_seqs: dict[int, int] = {}  # snapshot seq -> stream seq of its last message
         self.published = Counts()
@@ -564,6 +565,7 @@ class NatsJournal(FileJournal):
         second), rather than ready until a write fails."""
         if self._unconfirmed_since is None:
             self._unconfirmed_since = asyncio.get_running_loop().time() - 2 * STALLED_SECONDS
+        self._probe_first_answer = None
         self._start_probe()
 
     def _start_probe(self) -> None:
@@ -575,12 +577,12 @@ class NatsJournal(FileJournal):
         it shows a quorum, so /readyz recovers without writes.
 
         Replicas count only if the leader heard from them after the probe's first
-        answer: a peer killed just before this node reconnected was heard from a
+        answer since the last reconnect: a peer killed just before this node reconnected was heard from a
         moment ago, and would otherwise make a leader without a quorum look whole.
         """
         assert self._js is not None
         loop = asyncio.get_running_loop()
-        first_answer: float | None = None
+        self._probe_first_answer = None
         while self._unconfirmed_since is not None and not self._closed:
             await asyncio.sleep(1.0)
             asked = loop.time()
@@ -588,9 +590,9 @@ class NatsJournal(FileJournal):
                 info = await self._js.stream_info(self.settings.stream)
             except (NatsError, TimeoutError, OSError):
                 continue
-            if first_answer is None:
-                first_answer = loop.time()
-            heard_within_ns = min(PEER_SILENT_NS, int((asked - first_answer) * 1e9))
+            if self._probe_first_answer is None:
+                self._probe_first_answer = loop.time()
+            heard_within_ns = min(PEER_SILENT_NS, int((asked - self._probe_first_answer) * 1e9))
             if self._inflight is None and stream_has_quorum(info, heard_within_ns):
                 self._unconfirmed_since = None
 
