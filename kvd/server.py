@@ -23,6 +23,7 @@ from tornado.netutil import bind_sockets
 from kvd.app import AppContext, PeriodicTask
 from kvd.config import Config
 from kvd.handlers import make_app
+from kvd.handlers.wire import Wire
 from kvd.log.compaction import CompactionPolicy, Compactor
 from kvd.log.file import FileJournal
 from kvd.log.journal import StartupRefused
@@ -127,8 +128,9 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         log.error("cannot load TLS certificate or key: %s", exc)
         journal.close_sync()
         return EXIT_FAILURE
+    app = make_app(ctx)
     server = HTTPServer(
-        make_app(ctx),
+        app,
         ssl_options=tls,
         max_body_size=settings.max_body_bytes,
         max_header_size=settings.max_header_bytes,
@@ -141,7 +143,11 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, exc.strerror)
         journal.close_sync()
         return EXIT_FAILURE
-    server.add_sockets(sockets)
+    wire = Wire(app, server) if tls is None else None  # kvd.handlers.wire: plain HTTP only
+    if wire is not None:
+        await wire.listen(sockets)
+    else:
+        server.add_sockets(sockets)
     host, port = sockets[0].getsockname()[:2]
     scheme = "https" if tls is not None else "http"
     log.info("listening on %s://%s:%d (data in %s)", scheme, _url_host(host), port, config.data_dir)
@@ -160,7 +166,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         if not opening.done():  # stopped while still reaching NATS
             opening.cancel()
             log.info("stopped before the journal was open")
-            server.stop()
+            stop_listening(server, wire)
             await journal.close()
             return EXIT_OK
         opening.result()
@@ -169,12 +175,12 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
             "%s; start-up stopped so nothing is lost. See docs/journal-format.md, "
             "'Recovery', for what to do.", exc,
         )
-        server.stop()
+        stop_listening(server, wire)
         journal.close_sync()
         return EXIT_FAILURE
     except StartupRefused as exc:
         log.error("%s; start-up stopped (see docs/nats.md)", exc)
-        server.stop()
+        stop_listening(server, wire)
         await journal.close()
         return EXIT_FAILURE
     finally:
@@ -190,13 +196,15 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
 
     await stopping.wait()
     log.info("stopping: draining %d in-flight requests", ctx.in_flight)
-    server.stop()
+    stop_listening(server, wire)
     ctx.end_streams()
     deadline = time.monotonic() + config.server.drain_seconds
     while ctx.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     ctx.stop_periodic_tasks()
     plugins.hook.shutdown(ctx=ctx)
+    if wire is not None:
+        wire.close_all_connections()
     try:
         await asyncio.wait_for(server.close_all_connections(), timeout=5.0)
     except TimeoutError:
@@ -204,6 +212,13 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     await journal.close()
     log.info("stopped at revision %d", journal.last_seq)
     return EXIT_OK
+
+
+def stop_listening(server: HTTPServer, wire: Wire | None) -> None:
+    """Stop accepting connections; open ones go on until closed."""
+    server.stop()
+    if wire is not None:
+        wire.stop()
 
 
 def release_free_memory() -> None:

@@ -5,6 +5,7 @@ Every server binds port 0; nothing here uses a fixed port.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -25,6 +26,7 @@ from tornado.httputil import HTTPHeaders
 from kvd.app import AppContext
 from kvd.config import load_config
 from kvd.handlers import make_app
+from kvd.handlers.wire import Wire
 from kvd.log.file import FileJournal
 from kvd.server import build_context, mark_ready
 from kvd.store import Store
@@ -81,22 +83,43 @@ def served() -> Iterator[Any]:
     from tornado.httpserver import HTTPServer
     from tornado.testing import bind_unused_port
 
-    servers: list[tuple[HTTPServer, Harness]] = []
+    servers: list[tuple[HTTPServer, Wire, Harness]] = []
 
     def serve(harness: Harness, fast_paths: bool = True) -> str:
         sock, port = bind_unused_port()
         app = make_app(harness.ctx)
         app.fast_paths = fast_paths
         server = HTTPServer(app)
-        server.add_sockets([sock])
-        servers.append((server, harness))
+        wire = Wire(app, server)
+        # Accepts from the next loop pass; the socket already listens, so nothing is refused.
+        asyncio.ensure_future(wire.listen([sock]))
+        servers.append((server, wire, harness))
         return f"http://127.0.0.1:{port}"
 
     yield serve
-    for server, harness in servers:
+    for server, wire, harness in servers:
+        wire.stop()
+        wire.close_all_connections()
         server.stop()
         harness.ctx.stop_periodic_tasks()
         harness.journal.close_sync()
+
+
+@pytest.fixture
+def http_server(request: pytest.FixtureRequest, io_loop: Any, _unused_port: Any) -> Any:
+    """pytest-tornado's server, with kvd's own connections in front as ``kvd serve`` has
+    them (kvd.handlers.wire): tornado gets what they hand over."""
+    from tornado.httpserver import HTTPServer
+
+    app = request.getfixturevalue(request.config.option.app_fixture)
+    server = HTTPServer(app)
+    wire = Wire(app, server)
+    io_loop.run_sync(lambda: wire.listen([_unused_port[0]]))
+    yield server
+    wire.stop()
+    wire.close_all_connections()
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=request.config.option.async_test_timeout)
 
 
 @pytest.fixture

@@ -36,15 +36,14 @@ def plugin_settings() -> dict[str, Any]:
 
 
 @pytest.fixture
-def server_url(http_server, base_url: str) -> str:  # noqa: ANN001
+def server_url(http_server, _unused_port, base_url: str) -> str:  # noqa: ANN001
     """The in-process app, served (``base_url`` alone does not start the server).
 
     Its connections get a small, fixed send buffer (inherited from the
     listening socket), so that a client that stops reading makes the server
     wait within a few dozen KB, not after megabytes of kernel autotuning.
     """
-    for sock in http_server._sockets.values():
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    _unused_port[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     return base_url
 
 

@@ -38,7 +38,7 @@ from kvd.handlers.keys import (
     parse_json,
 )
 from kvd.log.format import OP_PUT, Record
-from kvd.model import Change
+from kvd.model import Change, Entry
 
 if TYPE_CHECKING:
     from kvd.app import AppContext
@@ -88,20 +88,11 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
         if entry is None:
             self._fall_back()
             return
-        tag = etag(entry)
-        if etag_matches(self.headers.get("If-None-Match"), tag):
-            start, body, status = _NOT_MODIFIED, b"", 304
-            headers = httputil.HTTPHeaders({"ETag": tag})
-        else:
-            start, body, status = _OK, key_body(key, entry.value), 200
-            headers = httputil.HTTPHeaders(
-                {"Content-Type": "application/json", "Content-Length": str(len(body)), "ETag": tag}
-            )
-        headers["Cache-Control"] = "no-store"
-        headers["Date"] = http_date()
+        status, fields, body = read_answer(key, entry, self.headers.get("If-None-Match"))
+        headers = httputil.HTTPHeaders(fields)
         connection = self.request.connection
         assert connection is not None
-        connection.write_headers(start, headers, body)
+        connection.write_headers(_OK if status == 200 else _NOT_MODIFIED, headers, body)
         connection.finish()
         self.ctx.request_done("GET", ENDPOINT, status, self.request.request_time())
 
@@ -117,6 +108,31 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
         delegate.finish()
 
 
+def read_answer(key: str, entry: Entry, if_none_match: str | None) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of a plain GET of a present key: 200, or 304 on a matching tag."""
+    tag = etag(entry)
+    if etag_matches(if_none_match, tag):
+        return 304, {"ETag": tag, "Cache-Control": "no-store", "Date": http_date()}, b""
+    body = key_body(key, entry.value)
+    return 200, {"Content-Type": JSON_TYPE, "Content-Length": str(len(body)), "ETag": tag,
+                 "Cache-Control": "no-store", "Date": http_date()}, body
+
+
+def writes_plainly(ctx: AppContext) -> bool:
+    """Whether no plugin or setting stands between a plain PUT and the journal."""
+    return (
+        ctx.plain_reads
+        and not ctx.writes_validated
+        and not ctx.config.journal.record_client
+        and ctx.store.ready
+    )
+
+
+def is_json_write(content_type: str, conditional: bool) -> bool:
+    """A JSON body without If-Match/If-None-Match: what the fast write paths take."""
+    return not conditional and content_type.split(";", 1)[0].strip().lower() == JSON_TYPE
+
+
 def is_plain_key_write(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:
     """Whether the fast write path may try this request (it still falls back when it must)."""
     if not (
@@ -124,15 +140,66 @@ def is_plain_key_write(ctx: AppContext, request: httputil.HTTPServerRequest) -> 
         and not request.query
         and request.path.startswith(PREFIX)
         and len(request.path) > len(PREFIX)
-        and ctx.plain_reads
-        and not ctx.writes_validated
-        and not ctx.config.journal.record_client
-        and ctx.store.ready
+        and writes_plainly(ctx)
     ):
         return False
     headers = request.headers
-    media_type = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-    return media_type == JSON_TYPE and "If-Match" not in headers and "If-None-Match" not in headers
+    return is_json_write(
+        headers.get("Content-Type", ""), "If-Match" in headers or "If-None-Match" in headers
+    )
+
+
+def put_then(
+    application: KvdApplication, key: str, value: bytes, answer: Callable[[int, bytes, dict[str, str]], None]
+) -> None:
+    """Journal a plain PUT of ``key`` and call ``answer(status, body, headers)`` once it is
+    durable (201/200), or with the journal's error (e.g. 503). Counted in flight until then."""
+    ctx = application.ctx
+    ctx.in_flight += 1  # until answered: SIGTERM drains it
+    created = False
+
+    def prepare() -> Change:
+        # No await between the check and the append: 201 vs 200 is exact.
+        nonlocal created
+        created = ctx.store.current(key) is None
+        return Change(op=OP_PUT, set={key: value})
+
+    def written(result: Record | KvdError) -> None:
+        ctx.in_flight -= 1
+        if isinstance(result, KvdError):
+            answer(result.status, error_body(result.code, result.message),
+                   {"Content-Type": JSON_TYPE, **result.headers})
+        else:
+            answer(201 if created else 200, key_body(key, value),
+                   {"Content-Type": JSON_TYPE, "ETag": f'"{result.seq}"'})
+
+    store = ctx.store
+    if not store.answers_in_place:
+        task = asyncio.ensure_future(_commit(ctx, prepare, written))
+        application.writes.add(task)
+        task.add_done_callback(application.writes.discard)
+        return
+    try:
+        # Answered from the journal's callback, in the loop pass that
+        # applies the record: no task to start, no waiter to wake.
+        store.write_then(prepare, written)
+    except KvdError as exc:
+        written(exc)
+    except BaseException:
+        ctx.in_flight -= 1
+        raise
+
+
+async def _commit(
+    ctx: AppContext, prepare: Callable[[], Change], written: Callable[[Record | KvdError], None]
+) -> None:
+    """Where a write may be decided again (a shared journal): through ``Store.write``."""
+    try:
+        record = await ctx.store.write(prepare)
+    except KvdError as exc:
+        written(exc)
+    else:
+        written(record)
 
 
 class FastKeyWrite(FastKeyRead):
@@ -154,53 +221,7 @@ class FastKeyWrite(FastKeyRead):
         except (UnicodeDecodeError, KvdError):
             self._fall_back(body)  # KeyHandler gives the 400/413 and its message
             return
-        self.ctx.in_flight += 1  # until answered: SIGTERM drains it
-        created = False
-
-        def prepare() -> Change:
-            # No await between the check and the append: 201 vs 200 is exact.
-            nonlocal created
-            created = self.ctx.store.current(key) is None
-            return Change(op=OP_PUT, set={key: value})
-
-        def written(result: Record | KvdError) -> None:
-            self.ctx.in_flight -= 1
-            if isinstance(result, KvdError):
-                self._answer_error(result)
-            else:
-                self._answer(201 if created else 200, key_body(key, value),
-                             {"Content-Type": JSON_TYPE, "ETag": f'"{result.seq}"'})
-
-        store = self.ctx.store
-        if not store.answers_in_place:
-            task = asyncio.ensure_future(self._commit(prepare, written))
-            self.application.writes.add(task)
-            task.add_done_callback(self.application.writes.discard)
-            return
-        try:
-            # Answered from the journal's callback, in the loop pass that
-            # applies the record: no task to start, no waiter to wake.
-            store.write_then(prepare, written)
-        except KvdError as exc:
-            written(exc)
-        except BaseException:
-            self.ctx.in_flight -= 1
-            raise
-
-    async def _commit(
-        self, prepare: Callable[[], Change], written: Callable[[Record | KvdError], None]
-    ) -> None:
-        """Where a write may be decided again (a shared journal): through ``Store.write``."""
-        try:
-            record = await self.ctx.store.write(prepare)
-        except KvdError as exc:
-            written(exc)
-        else:
-            written(record)
-
-    def _answer_error(self, exc: KvdError) -> None:
-        self._answer(exc.status, error_body(exc.code, exc.message),
-                     {"Content-Type": JSON_TYPE, **exc.headers})
+        put_then(self.application, key, value, self._answer)
 
     def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         connection = self.request.connection

@@ -60,6 +60,11 @@ def check_key(key: str) -> str:
     return key
 
 
+def missing_key(key: str) -> NotFound:
+    """The 404 of a key that is not there (or that a plugin hides)."""
+    return NotFound(f"key {key!r} not found")
+
+
 def parse_json(body: bytes, depth: int) -> Any:
     """A request body's JSON; 400 when empty or bad. ``depth``: levels above the values."""
     if not body:
@@ -403,10 +408,10 @@ class KeyHandler(KeysBodyHandler):
         past = await self.past_state()
         entry = self.store.get(key) if past is None else past.entries.get(key)
         if entry is None:
-            raise NotFound(f"key {key!r} not found")
+            raise missing_key(key)
         visible = list(self.visible([(key, entry.value)]))
         if not visible:  # hidden by a plugin
-            raise NotFound(f"key {key!r} not found")
+            raise missing_key(key)
         value = visible[0][1]
         tag = etag(entry)
         self.set_header("ETag", tag)
@@ -462,7 +467,7 @@ class KeyHandler(KeysBodyHandler):
             current = self.store.current(key)
             self._check_preconditions(key, current)
             if current is None:
-                raise NotFound(f"key {key!r} not found")
+                raise missing_key(key)
             merged = merge_patch(jsonio.loads(current.value, max_depth=None), patch)
             value = self.encode_value(key, merged)
             expires = {key: current.expires_at} if current.expires_at is not None else {}

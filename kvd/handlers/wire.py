@@ -1,0 +1,357 @@
+"""kvd's own HTTP/1.1 connections for the hot paths, with tornado behind them for the rest.
+
+Why: on a plain ``GET`` or ``PUT /keys/{id}`` most of kvd's CPU went to
+tornado's per-request machinery (IOStream reads, header parsing in Python,
+the HTTP1Connection coroutine) even below RequestHandler (``kvd.handlers.fast``).
+An asyncio protocol on uvloop's C transport answers the same request for a
+fraction of that (a bare protocol did about 13x tornado's PUTs per second on
+this machine; see docs/benchmarks.md for kvd's own figures).
+
+What a connection answers itself: GET and PUT of ``/keys/{id}`` that arrive
+whole and in the plainest form (HTTP/1.1, no query, a Content-Length body
+on PUT with a JSON content type and no conditions, at most If-None-Match on
+GET), and only their success answers, a GET's 404 and a PUT's journal error,
+built by the same functions ``kvd.handlers.fast`` and KeyHandler use. On anything else (another path,
+an absent or bad key, a bad body, a chunked or unfinished body, HTTP/1.0, an
+unusual header) the connection is handed to tornado's HTTPServer together
+with the bytes not yet answered, and stays there: tornado and the URL table
+own every other answer, so none is written twice. TLS listeners use tornado
+alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote_to_bytes
+
+from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
+
+from kvd.errors import KvdError
+from kvd.handlers.base import JSON_TYPE, error_body
+from kvd.handlers.fast import (
+    ENDPOINT,
+    http_date,
+    is_json_write,
+    put_then,
+    read_answer,
+    writes_plainly,
+)
+from kvd.handlers.keys import check_key, encode_value, missing_key, parse_json
+
+if TYPE_CHECKING:
+    from kvd.handlers import KvdApplication
+
+log = logging.getLogger("kvd.wire")
+
+PREFIX = b"/keys/"
+HEAD_END = b"\r\n\r\n"
+HOLD_WHILE_ANSWERING = 1 << 20  # stop reading a pipelining client with this much unanswered
+_REASONS = {200: b"OK", 201: b"Created", 304: b"Not Modified", 404: b"Not Found"}
+# Headers that change how a hot request is framed or answered; a second copy of
+# any of them sends the request to tornado, which judges it.
+_WATCHED = frozenset(
+    (b"content-length", b"transfer-encoding", b"content-type", b"if-match", b"if-none-match",
+     b"expect", b"connection")
+)
+
+
+class HotRequest:
+    """A request this module may answer: method, key path, watched headers, body."""
+
+    __slots__ = ("method", "path", "headers", "body", "size", "close")
+
+    def __init__(self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes,
+                 size: int, close: bool) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.size = size  # bytes of the request in the buffer, head and body
+        self.close = close
+
+
+def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | bool:
+    """The next request in ``buffer`` if it is a whole, plain hot request; ``None`` when
+    more bytes are needed to tell; ``False`` when tornado must take it."""
+    end = buffer.find(HEAD_END)
+    if end < 0:
+        return None
+    head = bytes(buffer[:end])
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        return False  # a bare CR or LF: let the full parser decide
+    lines = head.split(b"\r\n")
+    request_line = lines[0].split(b" ")
+    if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
+        return False
+    method, target = request_line[0], request_line[1]
+    if (method not in (b"GET", b"PUT") or not target.startswith(PREFIX) or len(target) == len(PREFIX)
+            or b"?" in target or b"#" in target):
+        return False
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or b" " in name or b"\t" in name:
+            return False  # folded or malformed: tornado answers it
+        name = name.lower()
+        if name in _WATCHED:
+            if name in headers:
+                return False
+            headers[name] = value.strip(b" \t")
+    if b"transfer-encoding" in headers or b"expect" in headers:
+        return False
+    connection = headers.get(b"connection", b"keep-alive").lower()
+    if connection not in (b"keep-alive", b"close"):
+        return False
+    length_field = headers.get(b"content-length", b"0")
+    if not length_field.isdigit():
+        return False
+    length = int(length_field)
+    if method == b"GET" and length:
+        return False
+    if method == b"PUT" and (b"content-length" not in headers or length > max_body):
+        return False
+    start = end + len(HEAD_END)
+    if len(buffer) < start + length:
+        return False  # an unfinished body: tornado reads it, under its body deadline
+    body = bytes(buffer[start:start + length])
+    return HotRequest(method, target[len(PREFIX):], headers, body, start + length, connection == b"close")
+
+
+def response(status: int, headers: dict[str, str], body: bytes, close: bool) -> bytes:
+    reason = _REASONS.get(status)
+    if reason is None:
+        from tornado.httputil import responses
+
+        reason = responses.get(status, "Unknown").encode()
+    head = [b"HTTP/1.1 %d %s" % (status, reason)]
+    head.extend(f"{name}: {value}".encode() for name, value in headers.items())
+    if "Content-Length" not in headers and status != 304:
+        head.append(b"Content-Length: %d" % len(body))
+    if close:
+        head.append(b"Connection: close")
+    return b"\r\n".join(head) + HEAD_END + body
+
+
+class PrefixedIOStream(IOStream):
+    """An IOStream that first reads back bytes a wire connection took but did not answer."""
+
+    def __init__(self, sock: socket.socket, prefix: bytes, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self._prefix = memoryview(prefix)
+
+    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
+        if self._prefix:
+            count = min(len(buf), len(self._prefix))
+            buf[:count] = self._prefix[:count]
+            self._prefix = self._prefix[count:]
+            return count
+        return super().read_from_fd(buf)
+
+
+class WireConnection(asyncio.Protocol):
+    """One client connection, until it asks for something only tornado answers."""
+
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+        self.ctx = wire.application.ctx
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.answering = False  # a PUT waits for the journal: later requests wait their turn
+        self.handing_over = False
+        self.idle_since = time.monotonic()  # None while a request is being answered
+        self.reading = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.wire.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.wire.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.answering and not self.handing_over:
+            self.serve()
+        elif len(self.buffer) > HOLD_WHILE_ANSWERING and self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def serve(self) -> None:
+        """Answer what the buffer holds, in order, until a PUT waits, more bytes are needed,
+        or tornado must take over."""
+        application = self.wire.application
+        limits = self.ctx.config.server
+        while self.buffer and self.transport is not None and not self.transport.is_closing():
+            if not application.fast_paths:
+                self.hand_over()
+                return
+            parsed = parse_hot_request(self.buffer, limits.max_body_bytes)
+            if parsed is None:
+                if len(self.buffer) > limits.max_header_bytes:
+                    self.hand_over()  # tornado refuses the oversized head
+                return
+            if parsed is False or not self.answer(parsed):
+                self.hand_over()
+                return
+            del self.buffer[:parsed.size]
+            if self.answering:
+                return
+            self.idle_since = time.monotonic()  # the next head may take idle_timeout
+        self.idle_since = time.monotonic()
+        if not self.reading and self.transport is not None:
+            self.reading = True
+            self.transport.resume_reading()
+
+    def answer(self, request: HotRequest) -> bool:
+        """Answer ``request`` (now, or once its PUT is durable); False if tornado must."""
+        ctx = self.ctx
+        if not ctx.plain_reads or not ctx.store.ready:
+            return False
+        try:
+            key = check_key(unquote_to_bytes(request.path).decode("utf-8"))
+        except (UnicodeDecodeError, KvdError):
+            return False
+        started = time.perf_counter()
+        headers = request.headers
+        if request.method == b"GET":
+            entry = ctx.store.get(key)
+            if entry is None:  # common enough (a cache's miss) to answer here
+                missing = missing_key(key)
+                body = error_body(missing.code, missing.message)
+                fields = {"Content-Type": JSON_TYPE, "Cache-Control": "no-store", "Date": http_date()}
+                self.send(response(missing.status, fields, body, request.close), request.close)
+                ctx.request_done("GET", ENDPOINT, missing.status, time.perf_counter() - started)
+                return True
+            if_none_match = headers.get(b"if-none-match")
+            status, fields, body = read_answer(
+                key, entry, if_none_match.decode("latin-1") if if_none_match is not None else None
+            )
+            self.send(response(status, fields, body, request.close), request.close)
+            ctx.request_done("GET", ENDPOINT, status, time.perf_counter() - started)
+            return True
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        conditional = b"if-match" in headers or b"if-none-match" in headers
+        if not writes_plainly(ctx) or not is_json_write(content_type, conditional):
+            return False
+        try:
+            value = encode_value(key, parse_json(request.body, 0), ctx.config.server.max_value_bytes)
+        except KvdError:
+            return False  # KeyHandler gives the 400/413 and its message
+        self.answering = True
+        self.idle_since = None
+
+        def answer(status: int, body: bytes, fields: dict[str, str]) -> None:
+            fields["Cache-Control"] = "no-store"
+            fields["Date"] = http_date()
+            self.send(response(status, fields, body, request.close), request.close)
+            ctx.request_done("PUT", ENDPOINT, status, time.perf_counter() - started)
+            self.answering = False
+            if not self.handing_over:
+                self.serve()
+
+        put_then(self.wire.application, key, value, answer)
+        return True
+
+    def send(self, data: bytes, close: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client left; a write stands, like any answered-too-late write
+        transport.write(data)
+        if close:
+            self.buffer.clear()
+            transport.close()
+
+    # --- handing the connection to tornado -----------------------------------------
+
+    def hand_over(self) -> None:
+        """Give the socket and the unanswered bytes to tornado's HTTPServer, once every
+        answer given here has left (so answers stay in request order)."""
+        transport = self.transport
+        if transport is None or self.handing_over:
+            return
+        self.handing_over = True
+        self.idle_since = None
+        if self.reading:
+            transport.pause_reading()
+        if transport.get_write_buffer_size():
+            transport.set_write_buffer_limits(high=0)  # resume_writing says when it drained
+            return
+        self._move_to_tornado()
+
+    def resume_writing(self) -> None:
+        if self.handing_over and self.transport is not None and not self.transport.get_write_buffer_size():
+            self._move_to_tornado()
+
+    def _move_to_tornado(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        if transport.is_closing():
+            return
+        raw = transport.get_extra_info("socket")
+        address = transport.get_extra_info("peername")
+        try:
+            duplicate = socket.socket(fileno=os.dup(raw.fileno()))
+        except OSError as exc:
+            log.warning("could not hand a connection to tornado: %s", exc)
+            transport.abort()
+            return
+        self.transport = None
+        transport.abort()  # closes this descriptor; the duplicate keeps the connection
+        self.wire.connections.discard(self)
+        tornado = self.wire.tornado
+        stream = PrefixedIOStream(duplicate, bytes(self.buffer), max_buffer_size=tornado.max_buffer_size,
+                                  read_chunk_size=tornado.read_chunk_size)
+        self.buffer.clear()
+        # asyncio turned Nagle's algorithm off; tornado keeps it on between answers
+        # (and off only to finish one): leave the socket as tornado expects it.
+        stream.set_nodelay(False)
+        tornado.handle_stream(stream, address)
+
+
+class Wire:
+    """Listens on plain-HTTP sockets with WireConnections; tornado takes what they hand over."""
+
+    def __init__(self, application: KvdApplication, tornado: HTTPServer) -> None:
+        self.application = application
+        self.tornado = tornado
+        self.connections: set[WireConnection] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def listen(self, sockets: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            self.servers.append(await loop.create_server(lambda: WireConnection(self), sock=sock))
+        self._sweep()
+
+    def stop(self) -> None:
+        """Stop accepting; open connections go on until ``close_all_connections``."""
+        for server in self.servers:
+            server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def close_all_connections(self) -> None:
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        self.connections.clear()
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than ``idle_timeout`` (as tornado does for its own:
+        the time a client may take to send the next request's head)."""
+        timeout = self.application.ctx.config.server.idle_timeout
+        now = time.monotonic()
+        for connection in list(self.connections):
+            since = connection.idle_since
+            if since is not None and now - since > timeout and connection.transport is not None:
+                connection.transport.close()
+        interval = max(0.05, min(1.0, timeout / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
