@@ -17,6 +17,10 @@ default both cores, where a helper process checks the journal's later part
 - replay: the ``replay took`` figure kvd logs;
 - peak RSS (VmHWM) once ready, the resident set then (VmRSS, column
   "ready", over the live data), and the helper's own peak RSS as kvd logs it;
+- before each round of starts, bench/naive_replay.py on the same journal,
+  pinned to one core: the plainest Python replay (orjson per line into a
+  dict, nothing checked). Column "x naive" is kvd's replay over its median,
+  a figure that can be compared across machines, where seconds cannot;
 
 Then it compacts a copy of the journal (as ``kvd journal compact`` does: a
 snapshot of the live state, no records after it) and measures a start from
@@ -38,6 +42,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +52,7 @@ from pathlib import Path
 import orjson
 import servers
 from make_journal import make_journal
+from naive_replay import naive_replay
 from run import machine_info
 from servers import BENCH_DIR, HOST, KVD_PATH_HELP, REPO_ROOT, Options, call
 
@@ -60,20 +66,8 @@ RSS_TARGET_RATIO = 2.5
 
 def live_bytes(directory: Path) -> tuple[int, int]:
     """(live keys, raw live bytes) after replaying the journal's records naively."""
-    sizes: dict[str, int] = {}
-    for segment in sorted(directory.glob("[0-9]*.jsonl")):
-        with open(segment, "rb") as lines:
-            for line in lines:
-                record = orjson.loads(line)
-                op = record["op"]
-                if op == "clear":
-                    sizes.clear()
-                for key, value in (record.get("set") or {}).items():
-                    sizes[key] = len(key.encode()) + len(orjson.dumps(value))
-                if op in ("delete", "expire"):
-                    for key in record.get("keys", ()):
-                        sizes.pop(key, None)
-    return len(sizes), sum(sizes.values())
+    state = naive_replay(directory)
+    return len(state), sum(len(key.encode()) + len(orjson.dumps(value)) for key, value in state.items())
 
 
 def start_and_measure(data_dir: Path, opts: Options, timeout: float) -> dict:
@@ -115,6 +109,15 @@ def start_and_measure(data_dir: Path, opts: Options, timeout: float) -> dict:
         running.stop()
 
 
+def naive_seconds(directory: Path, opts: Options, pin: tuple[str, ...]) -> float:
+    """Seconds bench/naive_replay.py takes on ``directory``, pinned like a one-core kvd."""
+    out = subprocess.run(
+        [*pin, opts.python, str(BENCH_DIR / "naive_replay.py"), str(directory)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return float(out.split()[0])
+
+
 def target_row(label: str, what: str, value: float, goal: float) -> dict:
     met = value <= goal
     note = "met" if met else f"missed: {value / goal:.2f}x the limit"
@@ -141,7 +144,13 @@ def start_runs(args: argparse.Namespace, opts: Options, source: Path, work: Path
     """REPEATS starts of kvd on fresh copies of ``source`` for each CPU set in ``args.cpu_sets``,
     alternating; {cpus: {"runs", "median"}}."""
     results: dict = {cpus: {"runs": []} for cpus in args.cpu_sets}
+    naive: list[float] = []
     for repeat in range(args.repeats):
+        if label == "journal":
+            one_core = args.cpu_sets[-1].split("-")[0].split(",")[0]
+            pin = ("taskset", "-c", one_core) if args.cpu_sets[-1] != UNPINNED else ()
+            naive.append(naive_seconds(source, opts, pin))
+            print(f"  naive replay, repeat {repeat + 1}: {naive[-1]:.2f}s", file=sys.stderr, flush=True)
         for cpus in args.cpu_sets:
             run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
             shutil.copytree(source, run_dir / "store")
@@ -160,6 +169,8 @@ def start_runs(args: argparse.Namespace, opts: Options, source: Path, work: Path
             for key in ("listening_s", "ready_s", "replay_s", "rss_hwm_mib", "rss_mib", "helper_rss_mib")
             if any(run[key] is not None for run in runs)
         }
+        if naive:
+            result["naive_s"] = statistics.median(naive)
     return results
 
 
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median of {args.repeats} starts; empty store: ready {baseline['ready_s']:.2f}s, "
           f"RSS {baseline['rss_hwm_mib']:.1f} MiB")
     header = (f"{'records':>9} {'keys':>9} {'CPUs':>5} {'journal MB':>10} {'live MB':>8} {'ready s':>8} "
-              f"{'replay s':>8} {'s per 1M':>8} {'RSS MiB':>8} {'RSS/live':>8} {'(-empty)':>8} {'ready':>6} {'helper':>7}")
+              f"{'replay s':>8} {'s per 1M':>8} {'x naive':>7} {'RSS MiB':>8} {'RSS/live':>8} {'(-empty)':>8} {'ready':>6} {'helper':>7}")
     print(header)
     print("-" * len(header))
     targets = []
@@ -259,13 +270,15 @@ def main(argv: list[str] | None = None) -> int:
             replay = m.get("replay_s", m["ready_s"])
             ratio = m["rss_hwm_mib"] / live_mib
             above_empty = (m["rss_hwm_mib"] - baseline["rss_hwm_mib"]) / live_mib
-            result["ratios"] = {"replay_s_per_million": replay * per_million,
+            naive = replay / result["naive_s"] if result.get("naive_s") else None
+            result["ratios"] = {"replay_s_per_million": replay * per_million, "replay_over_naive": naive,
                                 "ready_s_per_million": m["ready_s"] * per_million,
                                 "rss_over_live": ratio, "rss_above_empty_over_live": above_empty}
             helper = f"{m['helper_rss_mib']:.0f} MiB" if m.get("helper_rss_mib") else "-"
             print(f"{variant['records']:>9} {variant['keys']:>9} {cpus:>5} {variant['journal_bytes'] / 1e6:>10.1f} "
                   f"{variant['live_bytes'] / 1e6:>8.1f} {m['ready_s']:>8.2f} {replay:>8.2f} "
-                  f"{replay * per_million:>8.2f} {m['rss_hwm_mib']:>8.1f} {ratio:>8.2f} {above_empty:>8.2f} "
+                  f"{replay * per_million:>8.2f} {f'{naive:.2f}' if naive else '-':>7} "
+                  f"{m['rss_hwm_mib']:>8.1f} {ratio:>8.2f} {above_empty:>8.2f} "
                   f"{m['rss_mib'] / live_mib:>6.2f} {helper:>7}")
             label = f"{variant['records']} records, {variant['keys']} keys, CPUs {cpus}"
             for what, value, goal in (
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             s_ratio = sm["rss_hwm_mib"] / live_mib
             print(f"{'snapshot':>9} {variant['keys']:>9} {cpus:>5} {snapshot['bytes'] / 1e6:>10.1f} "
                   f"{variant['live_bytes'] / 1e6:>8.1f} {sm['ready_s']:>8.2f} {s_replay:>8.2f} "
-                  f"{s_replay * 1_000_000 / variant['keys']:>8.2f} {sm['rss_hwm_mib']:>8.1f} {s_ratio:>8.2f} "
+                  f"{s_replay * 1_000_000 / variant['keys']:>8.2f} {'-':>7} {sm['rss_hwm_mib']:>8.1f} {s_ratio:>8.2f} "
                   f"{(sm['rss_hwm_mib'] - baseline['rss_hwm_mib']) / live_mib:>8.2f} "
                   f"{sm['rss_mib'] / live_mib:>6.2f} {'-':>7}")
             result["ratios"] = {"load_s_per_million_keys": s_replay * 1_000_000 / variant["keys"],
