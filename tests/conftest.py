@@ -115,6 +115,7 @@ def http_server(request: pytest.FixtureRequest, io_loop: Any, _unused_port: Any)
     server = HTTPServer(app)
     wire = Wire(app, server)
     io_loop.run_sync(lambda: wire.listen([_unused_port[0]]))
+    server.kvd_wire = wire  # type: ignore[attr-defined]  # for tests that look at its connections
     yield server
     wire.stop()
     wire.close_all_connections()

@@ -1,0 +1,233 @@
+"""kvd.handlers.wire: hot requests answered on kvd's own connections, the rest by tornado.
+
+Raw bytes over one connection, so pipelining, the hand-over to tornado
+mid-connection and framing oddities are seen as a client sees them.
+test_fast_path.py compares the wire's answers with KeyHandler's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import build_harness
+
+from kvd.handlers.wire import HotRequest, parse_hot_request
+
+
+class Connection:
+    """One client connection: send raw bytes, read whole responses in order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, base_url: str) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(base_url).port)
+        return cls(reader, writer)
+
+    async def send(self, raw: bytes) -> None:
+        self.writer.write(raw)
+        await self.writer.drain()
+
+    async def response(self, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if head_only or status in (204, 304):
+            return status, headers, b""
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+                chunk = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    return status, headers, body
+                body += chunk[:-2]
+        if "content-length" in headers:
+            return status, headers, await self.reader.readexactly(int(headers["content-length"]))
+        return status, headers, await self.reader.read()  # until the server closes
+
+    async def closed_by_server(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(), 10) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def put(key: str, value: object, extra: str = "") -> bytes:
+    body = json.dumps(value).encode()
+    return (f"PUT /keys/{key} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
+
+
+@pytest.mark.gen_test
+async def test_pipelined_hot_requests_are_answered_in_order(http_server, base_url, harness):
+    conn = await Connection.open(base_url)
+    await conn.send(put("a", 1) + get("/keys/a") + put("a", {"x": 2}) + get("/keys/a") + get("/keys/nope"))
+    answers = [await conn.response() for _ in range(5)]
+    assert [status for status, _, _ in answers] == [201, 200, 200, 200, 404]
+    assert answers[1][2] == b'{"a":1}' and answers[3][2] == b'{"a":{"x":2}}'
+    assert answers[0][1]["etag"] == '"1"' and answers[3][1]["etag"] == '"2"'
+    assert json.loads(answers[4][2])["error"]["code"] == "not_found"
+    assert harness.store.get("a").value == b'{"x":2}'
+    conn.close()
+
+
+@pytest.mark.gen_test
+async def test_a_request_only_tornado_answers_hands_the_connection_over_mid_pipeline(
+    http_server, base_url, harness
+):
+    conn = await Connection.open(base_url)
+    await conn.send(put("k0", 0))
+    assert (await conn.response())[0] == 201
+    assert len(http_server.kvd_wire.connections) == 1 and not http_server._connections
+    await conn.send(put("k1", 1) + get("/keys?filter=k1") + get("/keys/k1") + put("k2", 2))
+    first, listing, read, second = [await conn.response() for _ in range(4)]
+    assert (first[0], listing[0], read[0], second[0]) == (201, 200, 200, 201)
+    assert json.loads(listing[2]) == {"k1": 1}
+    assert read[2] == b'{"k1":1}'
+    await conn.send(get("/keys/k2"))  # the same connection goes on, on tornado
+    assert (await conn.response())[2] == b'{"k2":2}'
+    assert not http_server.kvd_wire.connections and len(http_server._connections) == 1
+    conn.close()
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    ("raw", "status", "stored"),
+    [
+        # chunked body: tornado reads it
+        (b"PUT /keys/c HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n3\r\n[1]\r\n0\r\n\r\n", 201, b"[1]"),
+        # HTTP/1.0
+        (b"PUT /keys/c HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 1\r\n\r\n5", 201, b"5"),
+        # bad JSON: KeyHandler's 400, nothing stored
+        (put("c", 0).replace(b"\r\n\r\n0", b"\r\n\r\n{"), 400, None),
+        # not JSON
+        (put("c", 1).replace(b"application/json", b"text/plain"), 415, None),
+        # a condition
+        (put("c", 1, "If-Match: \"7\"\r\n"), 412, None),
+        # a query string
+        (b"PUT /keys/c?expire_in=60 HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+         b"Content-Length: 1\r\n\r\n6", 201, b"6"),
+        # two Content-Lengths: tornado refuses the request
+        (b"PUT /keys/c HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+         b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n77", 400, None),
+        # a folded header line
+        (b"PUT /keys/c HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n X-Folded: y\r\n"
+         b"Content-Length: 1\r\n\r\n8", 400, None),
+    ],
+    ids=["chunked", "http10", "bad-json", "not-json", "if-match", "query", "two-lengths", "folded"],
+)
+async def test_what_the_wire_does_not_take_is_answered_by_tornado(
+    http_server, base_url, harness, raw, status, stored
+):
+    conn = await Connection.open(base_url)
+    await conn.send(raw)
+    got, headers, body = await conn.response()
+    assert got == status, body
+    if status >= 400 and body:  # tornado refuses malformed framing with a bare 400
+        assert headers["content-type"] == "application/json" and "error" in json.loads(body)
+    entry = harness.store.get("c")
+    assert (entry.value if entry else None) == stored
+    conn.close()
+
+
+@pytest.mark.gen_test
+async def test_a_body_that_arrives_in_pieces_is_stored_whole(http_server, base_url, harness):
+    raw = put("slow", {"text": "x" * 5000})
+    conn = await Connection.open(base_url)
+    await conn.send(raw[:40])
+    await asyncio.sleep(0.05)
+    await conn.send(raw[40:100])
+    await asyncio.sleep(0.05)
+    await conn.send(raw[100:])
+    status, _, body = await conn.response()
+    assert status == 201 and json.loads(body) == {"slow": {"text": "x" * 5000}}
+    await conn.send(get("/keys/slow"))
+    assert (await conn.response())[0] == 200
+    conn.close()
+
+
+@pytest.mark.gen_test
+async def test_expect_100_continue_is_honoured(http_server, base_url, harness):
+    conn = await Connection.open(base_url)
+    head, body = put("e", [1, 2]).split(b"\r\n\r\n", 1)
+    await conn.send(head + b"\r\nExpect: 100-continue\r\n\r\n")
+    status, _, _ = await conn.response(head_only=True)
+    assert status == 100
+    await conn.send(body)
+    assert (await conn.response())[0] == 201
+    assert harness.store.get("e").value == b"[1,2]"
+    conn.close()
+
+
+@pytest.mark.gen_test
+async def test_connection_close_is_honoured_on_a_hot_request(http_server, base_url, harness):
+    conn = await Connection.open(base_url)
+    await conn.send(put("z", 1, "Connection: close\r\n"))
+    status, headers, _ = await conn.response()
+    assert status == 201 and headers.get("connection") == "close"
+    assert await conn.closed_by_server()
+
+
+@pytest.mark.gen_test
+async def test_a_declared_body_over_the_limit_gets_413_without_being_read(http_server, base_url, harness):
+    limit = harness.ctx.config.server.max_body_bytes
+    conn = await Connection.open(base_url)
+    await conn.send(b"PUT /keys/big HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {limit + 1}\r\n\r\n".encode() + b"[")
+    status, _, body = await conn.response()
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    assert harness.store.get("big") is None
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_idle_connections_are_closed_after_idle_timeout(served, tmp_path):
+    url = served(build_harness(tmp_path / "idle", **{"server.idle_timeout": 0.3}))
+    conn = await Connection.open(url)
+    await conn.send(put("i", 1))
+    assert (await conn.response())[0] == 201
+    started = asyncio.get_running_loop().time()
+    assert await conn.closed_by_server()
+    assert asyncio.get_running_loop().time() - started < 5
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_half_sent_head_counts_against_idle_timeout(served, tmp_path):
+    url = served(build_harness(tmp_path / "half", **{"server.idle_timeout": 0.3}))
+    conn = await Connection.open(url)
+    await conn.send(b"GET /keys/x HTTP/1.1\r\nHo")
+    assert await conn.closed_by_server()
+
+
+def test_parse_hot_request_takes_only_whole_plain_requests():
+    limit = 1 << 20
+    whole = bytearray(put("k", 1))
+    parsed = parse_hot_request(whole, limit)
+    assert isinstance(parsed, HotRequest)
+    assert (parsed.method, parsed.path, parsed.body, parsed.size) == (b"PUT", b"k", b"1", len(whole))
+    assert parse_hot_request(bytearray(b"GET /keys/k HTTP/1.1\r\nHost"), limit) is None  # head unfinished
+    assert parse_hot_request(whole[:-1], limit) is False  # body unfinished: tornado reads it
+    for other in (
+        get("/keys/"), get("/keys"), get("/healthz"), get("/keys/k?x=1"),
+        b"HEAD /keys/k HTTP/1.1\r\n\r\n", b"GET /keys/k HTTP/1.0\r\n\r\n",
+        b"GET /keys/k HTTP/1.1\nHost: t\r\n\r\n", get("/keys/k", "Connection: upgrade\r\n"),
+        get("/keys/k", "Content-Length: 3\r\n") + b"abc", put("k", 1, "Expect: 100-continue\r\n"),
+        put("k", 1).replace(b"Content-Length: 1", b"Content-Length: +1"),
+    ):
+        assert parse_hot_request(bytearray(other), limit) is False, other
+    assert parse_hot_request(bytearray(put("k", 1)), 0) is False  # over the body limit
