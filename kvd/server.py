@@ -143,7 +143,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, exc.strerror)
         journal.close_sync()
         return EXIT_FAILURE
-    wire = Wire(app, server) if tls is None else None  # kvd.handlers.wire: plain HTTP only
+    wire = Wire(app, server) if tls is None and settings.fast_wire else None  # plain HTTP only
     if wire is not None:
         await wire.listen(sockets)
     else:
@@ -151,6 +151,8 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     host, port = sockets[0].getsockname()[:2]
     scheme = "https" if tls is not None else "http"
     log.info("listening on %s://%s:%d (data in %s)", scheme, _url_host(host), port, config.data_dir)
+    if wire is None:
+        log.info("tornado serves every request (server.fast_wire is off, or HTTPS)")
 
     started = time.monotonic()
     # Replay builds millions of long-lived objects and frees almost none: the

@@ -231,3 +231,13 @@ def test_parse_hot_request_takes_only_whole_plain_requests():
     ):
         assert parse_hot_request(bytearray(other), limit) is False, other
     assert parse_hot_request(bytearray(put("k", 1)), 0) is False  # over the body limit
+
+
+@pytest.mark.parametrize("fast_wire", ["true", "false"])
+def test_kvd_serve_answers_the_same_with_the_wire_on_or_off(kvd_process, tmp_path, fast_wire):
+    server = kvd_process(tmp_path / "data", env={"KVD_SERVER_FAST_WIRE": fast_wire})
+    assert ("tornado serves every request" in server.log()) is (fast_wire == "false")
+    assert server.request("PUT", "/keys/w", {"v": 1}).status == 201
+    assert server.get_key("w").body == b'{"w":{"v":1}}'
+    assert server.get_key("absent").status == 404
+    assert server.request("GET", "/keys?filter=w").status == 200
