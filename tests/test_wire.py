@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import build_harness
 
-from kvd.handlers.wire import HotRequest, parse_hot_request
+from kvd.handlers.wire import HotRequest, parse_hot_request, starts_hot
 
 
 class Connection:
@@ -241,3 +241,13 @@ def test_kvd_serve_answers_the_same_with_the_wire_on_or_off(kvd_process, tmp_pat
     assert server.get_key("w").body == b'{"w":{"v":1}}'
     assert server.get_key("absent").status == 404
     assert server.request("GET", "/keys?filter=w").status == 200
+
+
+def test_a_connection_is_judged_by_its_first_request():
+    limit = 1 << 20
+    assert starts_hot(put("k", 1), limit) and starts_hot(get("/keys/k"), limit)
+    assert starts_hot(b"GET /ke", limit) and starts_hot(b"PUT /keys/k HTTP/1.1\r\nHost", limit)
+    assert not starts_hot(get("/keys?filter=k*"), limit)
+    assert not starts_hot(b"GET /keys/k?consistent=1 HTT", limit)
+    assert not starts_hot(put("k", 1, 'If-Match: "1"\r\n'), limit)
+    assert not starts_hot(get("/metrics"), limit) and not starts_hot(b"DELETE /keys/k", limit)
