@@ -57,8 +57,8 @@ def replay_tables(results: dict) -> str:
         "",
         "| start from | keys | CPUs | files MB | live data MB | start to ready s | replay took s "
         "| peak RSS MiB | RSS / live data | (RSS - empty) / live data | RSS once ready / live data "
-        "| helper's peak RSS MiB |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| helper's peak RSS MiB | replay / naive replay |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for v in results["variants"]:
         starts = [(f"{v['records'] / 1e6:g}M records", v["journal_bytes"], v)]
@@ -75,13 +75,19 @@ def replay_tables(results: dict) -> str:
                     f"| {label} | {v['keys']:,} | {cpus} | {size / 1e6:.0f} | {v['live_bytes'] / 1e6:.1f} | "
                     f"{m['ready_s']:.2f} | {m.get('replay_s', float('nan')):.2f} | {rss:.0f} | "
                     f"{rss / live_mib:.2f} | {(rss - empty['rss_hwm_mib']) / live_mib:.2f} | "
-                    f"{m['rss_mib'] / live_mib:.2f} | {helper} |"
+                    f"{m['rss_mib'] / live_mib:.2f} | {helper} | {naive_ratio(result)} |"
                 )
     lines += ["", "| start | target | measured | verdict |", "|---|---|--:|---|"]
     for row in results["targets"]:
         verdict = "met" if row["met"] else f"**{row['note']}**"
         lines.append(f"| {row['journal']} | {row['target']} | {row['value']:.2f} | {verdict} |")
     return "\n".join(lines)
+
+
+def naive_ratio(result: dict) -> str:
+    """kvd's replay over bench/naive_replay.py's, where the run measured one."""
+    ratio = (result.get("ratios") or {}).get("replay_over_naive")
+    return f"{ratio:.2f}" if ratio else "-"
 
 
 def main() -> int:

@@ -37,6 +37,9 @@ def test_bench_replay_smoke_measures_both_cpu_sets(tmp_path):
             [only] = result["runs"]
             assert only["ready_s"] > 0 and only["replay_s"] is not None and only["rss_hwm_mib"] > 0
             assert only["helper_rss_mib"] is None  # 7 MB: far below the helper's threshold
+    for result in variant["by_cpus"].values():  # the same-run yardstick, and kvd against it
+        assert result["naive_s"] > 0 and result["ratios"]["replay_over_naive"] > 0
+    assert "x naive" in run.stdout
     assert len(data["targets"]) == 2 * 3 + 2 * 2
     after = committed.read_bytes() if committed.exists() else None
     assert after == committed_before
