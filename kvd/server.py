@@ -145,7 +145,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         return EXIT_FAILURE
     wire = Wire(app, server) if tls is None and settings.fast_wire else None  # plain HTTP only
     if wire is not None:
-        await wire.listen(sockets)
+        wire.listen(sockets)
     else:
         server.add_sockets(sockets)
     host, port = sockets[0].getsockname()[:2]

@@ -5,7 +5,6 @@ Every server binds port 0; nothing here uses a fixed port.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import os
@@ -91,8 +90,7 @@ def served() -> Iterator[Any]:
         app.fast_paths = fast_paths
         server = HTTPServer(app)
         wire = Wire(app, server)
-        # Accepts from the next loop pass; the socket already listens, so nothing is refused.
-        asyncio.ensure_future(wire.listen([sock]))
+        wire.listen([sock])
         servers.append((server, wire, harness))
         return f"http://127.0.0.1:{port}"
 
@@ -114,7 +112,7 @@ def http_server(request: pytest.FixtureRequest, io_loop: Any, _unused_port: Any)
     app = request.getfixturevalue(request.config.option.app_fixture)
     server = HTTPServer(app)
     wire = Wire(app, server)
-    io_loop.run_sync(lambda: wire.listen([_unused_port[0]]))
+    wire.listen([_unused_port[0]])
     server.kvd_wire = wire  # type: ignore[attr-defined]  # for tests that look at its connections
     yield server
     wire.stop()

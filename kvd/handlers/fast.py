@@ -35,6 +35,7 @@ from kvd.handlers.keys import (
     etag,
     etag_matches,
     key_body,
+    missing_key,
     parse_json,
 )
 from kvd.log.format import OP_PUT, Record
@@ -88,7 +89,7 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
         if entry is None:
             self._fall_back()
             return
-        status, fields, body = read_answer(key, entry, self.headers.get("If-None-Match"))
+        status, body, fields = read_answer(key, entry, self.headers.get("If-None-Match"))
         headers = httputil.HTTPHeaders(fields)
         connection = self.request.connection
         assert connection is not None
@@ -108,14 +109,34 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
         delegate.finish()
 
 
-def read_answer(key: str, entry: Entry, if_none_match: str | None) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of a plain GET of a present key: 200, or 304 on a matching tag."""
+Answer = tuple[int, bytes, dict[str, str]]  # status, body, headers
+
+
+def answer_headers(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` plus what every fast answer carries."""
+    headers["Cache-Control"] = "no-store"
+    headers["Date"] = http_date()
+    return headers
+
+
+def error_answer(exc: KvdError) -> Answer:
+    """A client or journal error as KeyHandler would give it: JSON body, the error's headers."""
+    return exc.status, error_body(exc.code, exc.message), answer_headers(
+        {"Content-Type": JSON_TYPE, **exc.headers}
+    )
+
+
+def read_answer(key: str, entry: Entry | None, if_none_match: str | None) -> Answer:
+    """A plain GET of ``key``: 200, 304 on a matching tag, or 404 without an entry."""
+    if entry is None:
+        return error_answer(missing_key(key))
     tag = etag(entry)
     if etag_matches(if_none_match, tag):
-        return 304, {"ETag": tag, "Cache-Control": "no-store", "Date": http_date()}, b""
+        return 304, b"", answer_headers({"ETag": tag})
     body = key_body(key, entry.value)
-    return 200, {"Content-Type": JSON_TYPE, "Content-Length": str(len(body)), "ETag": tag,
-                 "Cache-Control": "no-store", "Date": http_date()}, body
+    return 200, body, answer_headers(
+        {"Content-Type": JSON_TYPE, "Content-Length": str(len(body)), "ETag": tag}
+    )
 
 
 def writes_plainly(ctx: AppContext) -> bool:
@@ -167,11 +188,10 @@ def put_then(
     def written(result: Record | KvdError) -> None:
         ctx.in_flight -= 1
         if isinstance(result, KvdError):
-            answer(result.status, error_body(result.code, result.message),
-                   {"Content-Type": JSON_TYPE, **result.headers})
+            answer(*error_answer(result))
         else:
             answer(201 if created else 200, key_body(key, value),
-                   {"Content-Type": JSON_TYPE, "ETag": f'"{result.seq}"'})
+                   answer_headers({"Content-Type": JSON_TYPE, "ETag": f'"{result.seq}"'}))
 
     store = ctx.store
     if not store.answers_in_place:
@@ -228,8 +248,6 @@ class FastKeyWrite(FastKeyRead):
         assert connection is not None
         all_headers = httputil.HTTPHeaders(headers)
         all_headers["Content-Length"] = str(len(body))
-        all_headers["Cache-Control"] = "no-store"
-        all_headers["Date"] = http_date()
         start = httputil.ResponseStartLine("HTTP/1.1", status, httputil.responses[status])
         try:
             connection.write_headers(start, all_headers, body)

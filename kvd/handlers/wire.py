@@ -27,24 +27,24 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import unquote_to_bytes
 
+from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.netutil import add_accept_handler
 
 from kvd.errors import KvdError
-from kvd.handlers.base import JSON_TYPE, error_body
 from kvd.handlers.fast import (
     ENDPOINT,
-    http_date,
     is_json_write,
     put_then,
     read_answer,
     writes_plainly,
 )
-from kvd.handlers.keys import check_key, encode_value, missing_key, parse_json
+from kvd.handlers.keys import check_key, encode_value, parse_json
 
 if TYPE_CHECKING:
     from kvd.handlers import KvdApplication
@@ -56,7 +56,7 @@ HEAD_END = b"\r\n\r\n"
 HOT_STARTS = (b"GET " + PREFIX, b"PUT " + PREFIX)
 PEEK_BYTES = 4096  # what a connection's first request is judged by
 HOLD_WHILE_ANSWERING = 1 << 20  # stop reading a pipelining client with this much unanswered
-_REASONS = {200: b"OK", 201: b"Created", 304: b"Not Modified", 404: b"Not Found"}
+_REASONS = {status: reason.encode() for status, reason in httputil.responses.items()}
 # Headers that change how a hot request is framed or answered; a second copy of
 # any of them sends the request to tornado, which judges it.
 _WATCHED = frozenset(
@@ -65,22 +65,19 @@ _WATCHED = frozenset(
 )
 
 
+@dataclass(slots=True)
 class HotRequest:
     """A request this module may answer: method, key path, watched headers, body."""
 
-    __slots__ = ("method", "path", "headers", "body", "size", "close")
-
-    def __init__(self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes,
-                 size: int, close: bool) -> None:
-        self.method = method
-        self.path = path
-        self.headers = headers
-        self.body = body
-        self.size = size  # bytes of the request in the buffer, head and body
-        self.close = close
+    method: bytes
+    path: bytes
+    headers: dict[bytes, bytes]
+    body: bytes
+    size: int  # bytes of the request in the buffer, head and body
+    close: bool
 
 
-def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | bool:
+def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | Literal[False]:
     """The next request in ``buffer`` if it is a whole, plain hot request; ``None`` when
     more bytes are needed to tell; ``False`` when tornado must take it."""
     end = buffer.find(HEAD_END)
@@ -149,12 +146,7 @@ def starts_hot(first: bytes, max_body: int) -> bool:
 
 
 def response(status: int, headers: dict[str, str], body: bytes, close: bool) -> bytes:
-    reason = _REASONS.get(status)
-    if reason is None:
-        from tornado.httputil import responses
-
-        reason = responses.get(status, "Unknown").encode()
-    head = [b"HTTP/1.1 %d %s" % (status, reason)]
+    head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown"))]
     head.extend(f"{name}: {value}".encode() for name, value in headers.items())
     if "Content-Length" not in headers and status != 304:
         head.append(b"Content-Length: %d" % len(body))
@@ -236,32 +228,26 @@ class WireConnection(asyncio.Protocol):
     def answer(self, request: HotRequest) -> bool:
         """Answer ``request`` (now, or once its PUT is durable); False if tornado must."""
         ctx = self.ctx
-        if not ctx.plain_reads or not ctx.store.ready:
+        is_get = request.method == b"GET"
+        if is_get:
+            allowed = ctx.plain_reads and ctx.store.ready
+        else:
+            allowed = writes_plainly(ctx) and put_is_plain(request)
+        if not allowed:
             return False
         try:
             key = check_key(unquote_to_bytes(request.path).decode("utf-8"))
         except (UnicodeDecodeError, KvdError):
             return False
         started = time.perf_counter()
-        headers = request.headers
-        if request.method == b"GET":
-            entry = ctx.store.get(key)
-            if entry is None:  # common enough (a cache's miss) to answer here
-                missing = missing_key(key)
-                body = error_body(missing.code, missing.message)
-                fields = {"Content-Type": JSON_TYPE, "Cache-Control": "no-store", "Date": http_date()}
-                self.send(response(missing.status, fields, body, request.close), request.close)
-                ctx.request_done("GET", ENDPOINT, missing.status, time.perf_counter() - started)
-                return True
-            if_none_match = headers.get(b"if-none-match")
-            status, fields, body = read_answer(
-                key, entry, if_none_match.decode("latin-1") if if_none_match is not None else None
+        if is_get:  # a miss too is answered here: common enough (a cache's) to keep on the wire
+            if_none_match = request.headers.get(b"if-none-match")
+            status, body, fields = read_answer(
+                key, ctx.store.get(key), if_none_match.decode("latin-1") if if_none_match is not None else None
             )
             self.send(response(status, fields, body, request.close), request.close)
             ctx.request_done("GET", ENDPOINT, status, time.perf_counter() - started)
             return True
-        if not writes_plainly(ctx) or not put_is_plain(request):
-            return False
         try:
             value = encode_value(key, parse_json(request.body, 0), ctx.config.server.max_value_bytes)
         except KvdError:
@@ -270,8 +256,6 @@ class WireConnection(asyncio.Protocol):
         self.idle_since = None
 
         def answer(status: int, body: bytes, fields: dict[str, str]) -> None:
-            fields["Cache-Control"] = "no-store"
-            fields["Date"] = http_date()
             self.send(response(status, fields, body, request.close), request.close)
             ctx.request_done("PUT", ENDPOINT, status, time.perf_counter() - started)
             self.answering = False
@@ -327,14 +311,8 @@ class WireConnection(asyncio.Protocol):
         self.transport = None
         transport.abort()  # closes this descriptor; the duplicate keeps the connection
         self.wire.connections.discard(self)
-        tornado = self.wire.tornado
-        stream = PrefixedIOStream(duplicate, bytes(self.buffer), max_buffer_size=tornado.max_buffer_size,
-                                  read_chunk_size=tornado.read_chunk_size)
+        self.wire.serve_on_tornado(duplicate, address, bytes(self.buffer))
         self.buffer.clear()
-        # asyncio turned Nagle's algorithm off; tornado keeps it on between answers
-        # (and off only to finish one): leave the socket as tornado expects it.
-        stream.set_nodelay(False)
-        tornado.handle_stream(stream, address)
 
 
 class Wire:
@@ -358,11 +336,10 @@ class Wire:
         self._starting: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def listen(self, sockets: list[socket.socket]) -> None:
+    def listen(self, sockets: list[socket.socket]) -> None:
         for sock in sockets:
             self.sockets.append(sock)
             self._stop_accepting.append(add_accept_handler(sock, self._accepted))
-        self._sweep()
 
     def stop(self) -> None:
         """Stop accepting; open connections go on until ``close_all_connections``."""
@@ -378,6 +355,8 @@ class Wire:
     def _accepted(self, conn: socket.socket, address: Any) -> None:
         """Wait for the connection's first bytes (at most ``idle_timeout``), then decide."""
         loop = asyncio.get_running_loop()
+        if self._sweeper is None:
+            self._sweep()
         fd = conn.fileno()
         timeout = self.application.ctx.config.server.idle_timeout
         self._undecided[fd] = (conn, loop.call_later(timeout, self._give_up, fd))
@@ -409,11 +388,16 @@ class Wire:
             self._starting.add(task)
             task.add_done_callback(self._started)
             return
-        self.tornado.handle_stream(
-            IOStream(conn, max_buffer_size=self.tornado.max_buffer_size,
-                     read_chunk_size=self.tornado.read_chunk_size),
-            address,
-        )
+        self.serve_on_tornado(conn, address)
+
+    def serve_on_tornado(self, sock: socket.socket, address: Any, unanswered: bytes = b"") -> None:
+        """Tornado's HTTPServer serves ``sock`` from here on, ``unanswered`` read first."""
+        stream = PrefixedIOStream(sock, unanswered, max_buffer_size=self.tornado.max_buffer_size,
+                                  read_chunk_size=self.tornado.read_chunk_size)
+        # A socket the loop's transport had has Nagle's algorithm off; tornado keeps it on
+        # between answers (and off only to finish one): leave it as tornado expects it.
+        stream.set_nodelay(False)
+        self.tornado.handle_stream(stream, address)
 
     def _started(self, task: asyncio.Task[Any]) -> None:
         self._starting.discard(task)
