@@ -140,16 +140,18 @@ def compact_copy(pristine: Path, target: Path) -> float:
     return report.seconds
 
 
-def start_runs(args: argparse.Namespace, opts: Options, source: Path, work: Path, label: str) -> dict:
+def start_runs(args: argparse.Namespace, opts: Options, source: Path, work: Path, label: str,
+               *, yardstick: bool = False) -> dict:
     """REPEATS starts of kvd on fresh copies of ``source`` for each CPU set in ``args.cpu_sets``,
-    alternating; {cpus: {"runs", "median"}}."""
+    alternating; {cpus: {"runs", "median"}}. With ``yardstick``, bench/naive_replay.py runs
+    on ``source`` before each round, on one core of the last CPU set."""
     results: dict = {cpus: {"runs": []} for cpus in args.cpu_sets}
     naive: list[float] = []
+    one_core = args.cpu_sets[-1].split("-")[0].split(",")[0]
+    naive_pin = ("taskset", "-c", one_core) if args.cpu_sets[-1] != UNPINNED else ()
     for repeat in range(args.repeats):
-        if label == "journal":
-            one_core = args.cpu_sets[-1].split("-")[0].split(",")[0]
-            pin = ("taskset", "-c", one_core) if args.cpu_sets[-1] != UNPINNED else ()
-            naive.append(naive_seconds(source, opts, pin))
+        if yardstick:
+            naive.append(naive_seconds(source, opts, naive_pin))
             print(f"  naive replay, repeat {repeat + 1}: {naive[-1]:.2f}s", file=sys.stderr, flush=True)
         for cpus in args.cpu_sets:
             run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
@@ -181,7 +183,7 @@ def measure_variant(args: argparse.Namespace, opts: Options, keys: int, work: Pa
     size = make_journal(pristine, args.records, keys, shuffled=args.key_order == "random")
     made = time.monotonic() - written_at
     live_keys, raw = live_bytes(pristine)
-    by_cpus = start_runs(args, opts, pristine, work, "journal")
+    by_cpus = start_runs(args, opts, pristine, work, "journal", yardstick=True)
     first = by_cpus[args.cpu_sets[0]]
     variant = {
         "records": args.records, "keys": keys, "journal_bytes": size, "journal_write_s": made,
