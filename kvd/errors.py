@@ -60,6 +60,12 @@ class UnsupportedMediaType(KvdError):
     status, code = 415, "unsupported_media_type"
 
 
+class HeaderTooLarge(KvdError):
+    """A request head over ``server.max_header_bytes`` (answered by kvd.handlers.framing)."""
+
+    status, code = 431, "header_too_large"
+
+
 class Unavailable(KvdError):
     status, code = 503, "unavailable"
 
@@ -68,7 +74,8 @@ CODES_BY_STATUS: dict[int, str] = {
     cls.status: cls.code
     for cls in (
         BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, Gone,
-        PreconditionFailed, PayloadTooLarge, UnsupportedMediaType, Unavailable, KvdError,
+        PreconditionFailed, PayloadTooLarge, UnsupportedMediaType, HeaderTooLarge, Unavailable,
+        KvdError,
     )
 }
 

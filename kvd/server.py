@@ -17,12 +17,12 @@ import ssl
 import time
 
 import pluggy
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from kvd.app import AppContext, PeriodicTask
 from kvd.config import Config
 from kvd.handlers import make_app
+from kvd.handlers.framing import KvdHTTPServer
 from kvd.handlers.wire import Wire
 from kvd.log.compaction import CompactionPolicy, Compactor
 from kvd.log.file import FileJournal
@@ -129,7 +129,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         journal.close_sync()
         return EXIT_FAILURE
     app = make_app(ctx)
-    server = HTTPServer(
+    server = KvdHTTPServer(
         app,
         ssl_options=tls,
         max_body_size=settings.max_body_bytes,
@@ -216,7 +216,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     return EXIT_OK
 
 
-def stop_listening(server: HTTPServer, wire: Wire | None) -> None:
+def stop_listening(server: KvdHTTPServer, wire: Wire | None) -> None:
     """Stop accepting connections; open ones go on until closed."""
     server.stop()
     if wire is not None:

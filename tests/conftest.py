@@ -25,6 +25,7 @@ from tornado.httputil import HTTPHeaders
 from kvd.app import AppContext
 from kvd.config import load_config
 from kvd.handlers import make_app
+from kvd.handlers.framing import KvdHTTPServer
 from kvd.handlers.wire import Wire
 from kvd.log.file import FileJournal
 from kvd.server import build_context, mark_ready
@@ -79,16 +80,15 @@ def served() -> Iterator[Any]:
 
     ``fast_paths=False`` serves it without kvd's fast read/write paths.
     """
-    from tornado.httpserver import HTTPServer
     from tornado.testing import bind_unused_port
 
-    servers: list[tuple[HTTPServer, Wire, Harness]] = []
+    servers: list[tuple[KvdHTTPServer, Wire, Harness]] = []
 
     def serve(harness: Harness, fast_paths: bool = True) -> str:
         sock, port = bind_unused_port()
         app = make_app(harness.ctx)
         app.fast_paths = fast_paths
-        server = HTTPServer(app)
+        server = KvdHTTPServer(app)
         wire = Wire(app, server)
         wire.listen([sock])
         servers.append((server, wire, harness))
@@ -107,10 +107,8 @@ def served() -> Iterator[Any]:
 def http_server(request: pytest.FixtureRequest, io_loop: Any, _unused_port: Any) -> Any:
     """pytest-tornado's server, with kvd's own connections in front as ``kvd serve`` has
     them (kvd.handlers.wire): tornado gets what they hand over."""
-    from tornado.httpserver import HTTPServer
-
     app = request.getfixturevalue(request.config.option.app_fixture)
-    server = HTTPServer(app)
+    server = KvdHTTPServer(app)
     wire = Wire(app, server)
     wire.listen([_unused_port[0]])
     server.kvd_wire = wire  # type: ignore[attr-defined]  # for tests that look at its connections

@@ -1,0 +1,126 @@
+"""JSON answers to requests Tornado cannot parse (bad framing, an oversized head).
+
+Tornado refuses a malformed request (two Content-Lengths, a folded header, a
+bad chunk size, a garbled request line) before any handler exists: it writes
+a bare ``400 Bad Request`` with no body and closes the connection. A head
+larger than ``server.max_header_bytes`` gets no answer at all, only a closed
+connection. Every other kvd error is ``{"error": {"code", "message"}}``, so a
+client would need a second way to read these.
+
+``KvdHTTPServer`` gives each connection's stream a ``write`` that swaps that
+exact bare answer for the JSON one, and a ``close`` that answers before
+closing when a read overflowed its limit: 431 for the head, 400 for a chunk-size
+line. Both hook points are Tornado's own internals (the literal bytes of its
+answer, the error it closes with); tests/test_framing.py notices if a Tornado
+upgrade moves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream, UnsatisfiableReadError
+
+from kvd.errors import BadRequest, HeaderTooLarge, KvdError
+from kvd.handlers.base import error_body
+
+TORNADO_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"  # http1connection._read_message_inner
+
+
+def _answer(error: KvdError) -> bytes:
+    """The whole answer, head and body; the connection closes after it."""
+    body = error_body(error.code, error.message)
+    return (
+        f"HTTP/1.1 {error.status} {httputil.responses[error.status]}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+MALFORMED = _answer(BadRequest("malformed HTTP request (framing, request line or headers)"))
+HEAD_TOO_LARGE = _answer(HeaderTooLarge("request head larger than server.max_header_bytes"))
+
+
+class KvdHTTPServer(HTTPServer):
+    """Tornado's HTTPServer, with kvd's JSON answers to requests it cannot parse."""
+
+    def handle_stream(self, stream: IOStream, address: Any) -> None:
+        write, close = stream.write, stream.close
+        refused = False
+
+        def write_json_errors(data: bytes | memoryview) -> Any:
+            nonlocal refused
+            if data == TORNADO_BARE_400:
+                refused, data = True, MALFORMED
+            return write(data)
+
+        def close_answering_an_overflow(exc_info: Any = False) -> None:
+            nonlocal refused
+            if isinstance(exc_info, UnsatisfiableReadError) and stream.socket is not None:
+                refused = _answer_overflow(stream) or refused
+            if refused and stream.socket is not None:
+                _linger(stream.socket)
+            close(exc_info)
+
+        stream.write = write_json_errors  # type: ignore[method-assign]
+        stream.close = close_answering_an_overflow  # type: ignore[method-assign]
+        super().handle_stream(stream, address)
+
+
+def _answer_overflow(stream: IOStream) -> bool:
+    """Answer a read that overflowed its limit, unless an answer is still being sent.
+
+    Tornado reads a request head with a regex and a chunk-size line with a
+    plain delimiter, so the read still pending says which one it was.
+    """
+    if stream.writing():
+        return False
+    answer = HEAD_TOO_LARGE if stream._read_regex is not None else MALFORMED
+    try:
+        stream.socket.send(answer, socket.MSG_DONTWAIT)  # closing next: nothing is buffered
+    except OSError:
+        return False  # the client has gone; nothing to tell
+    return True
+
+
+LINGER_SECONDS = 2.0
+
+
+def _linger(sock: socket.socket) -> None:
+    """Keep a refused connection open, discarding what the client still sends, until it
+    closes or LINGER_SECONDS pass (nginx's lingering close).
+
+    Closing a socket with unread bytes makes the kernel reset the connection,
+    and a reset can destroy the refusal before the client has read it. A
+    duplicate of the socket outlives Tornado's close; its write side is shut
+    at once, so the client sees the end of the answer.
+    """
+    try:
+        lingering = sock.dup()
+        lingering.setblocking(False)
+        lingering.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    loop = asyncio.get_running_loop()
+
+    def finish() -> None:
+        loop.remove_reader(lingering)
+        deadline.cancel()
+        lingering.close()
+
+    def discard() -> None:
+        try:
+            if lingering.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        finish()  # the client closed (or reset) its side
+
+    deadline = loop.call_later(LINGER_SECONDS, finish)
+    loop.add_reader(lingering, discard)

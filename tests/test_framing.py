@@ -1,0 +1,103 @@
+"""kvd.handlers.framing: requests Tornado cannot parse get kvd's JSON errors and change nothing.
+
+Raw bytes over one connection, as a client with a broken HTTP stack would
+send them: first on a new connection (Tornado from the start), then after a
+plain PUT that kvd's own connection answered (handed over midway), and with
+kvd serve's wire switched off (Tornado accepts the connection itself).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from test_wire import Connection, put
+
+HEAD = b"PUT /keys/c HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+
+MALFORMED = {
+    "two content-lengths": HEAD + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\n123",
+    "content-length not a number": HEAD + b"Content-Length: abc\r\n\r\n123",
+    "negative content-length": HEAD + b"Content-Length: -1\r\n\r\n",
+    "chunked and content-length": HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n1\r\n1\r\n0\r\n\r\n",
+    "unknown transfer-encoding": HEAD + b"Transfer-Encoding: gzip\r\n\r\n",
+    "chunk size not hex": HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n123\r\n0\r\n\r\n",
+    "chunk-size line too long": HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 100 + b"1\r\n",
+    "folded header": b"GET /keys/c HTTP/1.1\r\nHost: t\r\n folded\r\n\r\n",
+    "header without colon": b"GET /keys/c HTTP/1.1\r\nNoColon\r\n\r\n",
+    "garbage request line": b"GARBAGE\r\n\r\n",
+    "request line without version": b"GET /keys/c\r\n\r\n",
+    "HTTP/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+}
+OVERSIZED_HEAD = b"GET /keys/c HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+
+
+def check_refused(status: int, headers: dict[str, str], body: bytes, expected: int) -> None:
+    assert status == expected, body
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["code"] == ("bad_request" if expected == 400 else "header_too_large")
+    assert error["message"]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+@pytest.mark.parametrize("after_a_plain_put", [False, True], ids=["first", "handed-over"])
+async def test_a_malformed_request_gets_a_json_400_and_stores_nothing(
+    http_server, base_url, harness, raw, after_a_plain_put
+):
+    conn = await Connection.open(base_url)
+    if after_a_plain_put:  # answered on kvd's own connection, then handed to tornado
+        await conn.send(put("w", 1))
+        assert (await conn.response())[0] == 201
+    await conn.send(raw)
+    check_refused(*await conn.response(), expected=400)
+    assert await conn.closed_by_server()
+    assert harness.store.get("c") is None
+    conn.close()
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("after_a_plain_put", [False, True], ids=["first", "handed-over"])
+async def test_an_oversized_head_gets_a_json_431(http_server, base_url, harness, after_a_plain_put):
+    conn = await Connection.open(base_url)
+    if after_a_plain_put:
+        await conn.send(put("w", 1))
+        assert (await conn.response())[0] == 201
+    await conn.send(OVERSIZED_HEAD)
+    check_refused(*await conn.response(), expected=431)
+    conn.close()
+
+
+@pytest.mark.gen_test
+async def test_a_well_formed_error_still_comes_from_the_handler(http_server, base_url):
+    """Only tornado's bare answer is replaced: a handler's own 400 keeps its message."""
+    conn = await Connection.open(base_url)
+    await conn.send(HEAD + b"Content-Length: 5\r\n\r\n{bad}")
+    status, headers, body = await conn.response()
+    assert status == 400 and "JSON" in json.loads(body)["error"]["message"]
+    assert headers.get("connection") != "close"
+    conn.close()
+
+
+def raw_exchange(port: int, raw: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+@pytest.mark.parametrize("fast_wire", ["true", "false"])
+def test_kvd_serve_answers_malformed_requests_in_json_with_the_wire_on_or_off(
+    kvd_process, tmp_path, fast_wire
+):
+    server = kvd_process(tmp_path / "data", env={"KVD_SERVER_FAST_WIRE": fast_wire})
+    for raw, status in [(MALFORMED["two content-lengths"], 400), (OVERSIZED_HEAD, 431)]:
+        head, _, body = raw_exchange(server.port, raw).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), head
+        assert "error" in json.loads(body)
+    assert server.get_key("c").status == 404
