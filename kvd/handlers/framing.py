@@ -18,6 +18,7 @@ upgrade moves them.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import Any
 
@@ -81,8 +82,8 @@ def _answer_overflow(stream: IOStream) -> bool:
         return False
     answer = HEAD_TOO_LARGE if stream._read_regex is not None else MALFORMED
     try:
-        stream.socket.send(answer, socket.MSG_DONTWAIT)  # closing next: nothing is buffered
-    except OSError:
+        stream.socket.send(answer)  # non-blocking, and closing next: no buffering (TLS too)
+    except OSError:  # ssl.SSLError is one
         return False  # the client has gone; nothing to tell
     return True
 
@@ -96,11 +97,12 @@ def _linger(sock: socket.socket) -> None:
 
     Closing a socket with unread bytes makes the kernel reset the connection,
     and a reset can destroy the refusal before the client has read it. A
-    duplicate of the socket outlives Tornado's close; its write side is shut
-    at once, so the client sees the end of the answer.
+    duplicate of the socket's descriptor outlives Tornado's close (a TLS
+    socket's too: the bytes discarded need no decrypting); its write side is
+    shut at once, so the client sees the end of the answer.
     """
     try:
-        lingering = sock.dup()
+        lingering = socket.socket(fileno=os.dup(sock.fileno()))
         lingering.setblocking(False)
         lingering.shutdown(socket.SHUT_WR)
     except OSError:
