@@ -189,6 +189,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         stop_waiter.cancel()
         gc.freeze()
         gc.enable()
+    release_free_memory()  # before the index is built too: its build is start-up's peak
     mark_ready(ctx)
     release_free_memory()
     log.info(
