@@ -101,3 +101,19 @@ def test_kvd_serve_answers_malformed_requests_in_json_with_the_wire_on_or_off(
         assert head.startswith(b"HTTP/1.1 %d " % status), head
         assert "error" in json.loads(body)
     assert server.get_key("c").status == 404
+
+
+@pytest.mark.gen_test
+async def test_a_client_still_sending_a_refused_body_reads_the_whole_413(http_server, base_url, harness):
+    """The refusal is not lost to a reset: kvd drains what the client still sends before it
+    closes (a close with unread bytes makes the kernel reset the connection)."""
+    limit = harness.ctx.config.server.max_body_bytes
+    conn = await Connection.open(base_url)
+    await conn.send(b"PUT /keys/big HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {limit + 1}\r\n\r\n".encode() + b"[" + b"1," * (limit // 2))
+    status, headers, body = await conn.response()
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    assert headers["connection"] == "close"
+    assert await conn.closed_by_server()
+    assert harness.store.get("big") is None
+    conn.close()

@@ -8,6 +8,7 @@ unexpected exception), leaves through ``write_error`` as
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -30,6 +31,18 @@ READ, WRITE, ADMIN = "read", "write", "admin"
 def error_body(code: str, message: str) -> bytes:
     """The one shape of every error answer."""
     return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` header, formatted once a second rather than once a request."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, httputil.format_timestamp(now))
+    return _date_cache[1]
 
 
 class BaseHandler(RequestHandler):

@@ -18,7 +18,6 @@ other answer, so no response is defined twice.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
@@ -28,7 +27,8 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from kvd.errors import KvdError, PayloadTooLarge
-from kvd.handlers.base import JSON_TYPE, error_body
+from kvd.handlers.base import JSON_TYPE, error_body, http_date
+from kvd.handlers.framing import refuse
 from kvd.handlers.keys import (
     check_key,
     encode_value,
@@ -275,17 +275,9 @@ class BodyTooLarge(httputil.HTTPMessageDelegate):
 
     def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
         limit = self.ctx.config.server.max_body_bytes
-        error = PayloadTooLarge(f"body is larger than {limit} bytes")
-        body = error_body(error.code, error.message)
-        head = (
-            f"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
-            f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
-        ).encode()
         connection = self.request.connection
         assert isinstance(connection, HTTP1Connection)
-        stream = connection.detach()
-        stream.write(head + body).add_done_callback(lambda _: stream.close())
+        refuse(connection.detach(), PayloadTooLarge(f"body is larger than {limit} bytes"))
         endpoint = "/keys" if self.request.path == "/keys" else "unmatched"
         if self.request.path.startswith(PREFIX):
             endpoint = ENDPOINT
@@ -300,14 +292,3 @@ class BodyTooLarge(httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         pass
 
-
-_date_cache: tuple[int, str] = (0, "")
-
-
-def http_date() -> str:
-    """The ``Date`` header, formatted once a second rather than once a request."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, httputil.format_timestamp(now))
-    return _date_cache[1]

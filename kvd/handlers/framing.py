@@ -12,7 +12,8 @@ exact bare answer for the JSON one, and a ``close`` that answers before
 closing when a read overflowed its limit: 431 for the head, 400 for a chunk-size
 line. Both hook points are Tornado's own internals (the literal bytes of its
 answer, the error it closes with); tests/test_framing.py notices if a Tornado
-upgrade moves them.
+upgrade moves them. ``refuse`` answers and closes a stream no handler owns:
+the 413 for a declared body over the limit (``fast.BodyTooLarge``) uses it too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from asyncio import Future
 from typing import Any
 
 from tornado import httputil
@@ -27,23 +29,33 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
 from kvd.errors import BadRequest, HeaderTooLarge, KvdError
-from kvd.handlers.base import error_body
+from kvd.handlers.base import error_body, http_date
 
 TORNADO_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"  # http1connection._read_message_inner
+MALFORMED = BadRequest("malformed HTTP request (framing, request line or headers)")
+HEAD_TOO_LARGE = HeaderTooLarge("request head larger than server.max_header_bytes")
 
 
-def _answer(error: KvdError) -> bytes:
-    """The whole answer, head and body; the connection closes after it."""
+def refusal(error: KvdError) -> bytes:
+    """A whole answer, head and body, after which the connection closes."""
     body = error_body(error.code, error.message)
     return (
         f"HTTP/1.1 {error.status} {httputil.responses[error.status]}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
+        f"Cache-Control: no-store\r\nDate: {http_date()}\r\nConnection: close\r\n\r\n"
     ).encode() + body
 
 
-MALFORMED = _answer(BadRequest("malformed HTTP request (framing, request line or headers)"))
-HEAD_TOO_LARGE = _answer(HeaderTooLarge("request head larger than server.max_header_bytes"))
+def refuse(stream: IOStream, error: KvdError) -> None:
+    """Answer ``error`` on a stream no handler owns (detached, or never handed one), then close it."""
+
+    def close(written: Future[None]) -> None:
+        written.exception()  # a client that left before the answer: nothing more to do
+        if stream.socket is not None:
+            _linger(stream.socket)
+        stream.close()
+
+    stream.write(refusal(error)).add_done_callback(close)
 
 
 class KvdHTTPServer(HTTPServer):
@@ -56,7 +68,7 @@ class KvdHTTPServer(HTTPServer):
         def write_json_errors(data: bytes | memoryview) -> Any:
             nonlocal refused
             if data == TORNADO_BARE_400:
-                refused, data = True, MALFORMED
+                refused, data = True, refusal(MALFORMED)
             return write(data)
 
         def close_answering_an_overflow(exc_info: Any = False) -> None:
@@ -80,9 +92,9 @@ def _answer_overflow(stream: IOStream) -> bool:
     """
     if stream.writing():
         return False
-    answer = HEAD_TOO_LARGE if stream._read_regex is not None else MALFORMED
+    error = HEAD_TOO_LARGE if stream._read_regex is not None else MALFORMED
     try:
-        stream.socket.send(answer)  # non-blocking, and closing next: no buffering (TLS too)
+        stream.socket.send(refusal(error))  # non-blocking, and closing next: no buffering (TLS too)
     except OSError:  # ssl.SSLError is one
         return False  # the client has gone; nothing to tell
     return True
