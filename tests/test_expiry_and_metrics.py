@@ -142,6 +142,15 @@ async def test_metrics_exposes_request_store_and_journal_metrics(api, harness):
     assert "secret-key-name" not in text and "absent-key" not in text
 
 
+@pytest.mark.gen_test
+async def test_a_method_the_client_makes_up_is_counted_as_other(api):
+    for method in ("BREW", "XYZZY1", "XYZZY2"):
+        assert (await api(method, "/keys/k")).code == 405
+    text = (await api("GET", "/metrics")).body.decode()
+    assert 'request_count_total{endpoint="/keys/{id}",method="other",status="405"} 3.0' in text
+    assert "BREW" not in text and "XYZZY" not in text
+
+
 def test_no_metric_label_can_carry_a_raw_key():
     from kvd.handlers import core_routes
 

@@ -22,7 +22,7 @@ from kvd.errors import CODES_BY_STATUS, BadRequest, KvdError, NotFound, Unavaila
 log = logging.getLogger("kvd.app")
 
 JSON_TYPE = "application/json"
-_STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
 
 READ, WRITE, ADMIN = "read", "write", "admin"
@@ -164,7 +164,7 @@ class BaseHandler(RequestHandler):
         """Methods this handler implements (for ``Allow``)."""
         return [
             method
-            for method in _STANDARD_METHODS
+            for method in STANDARD_METHODS
             if getattr(type(self), method.lower()) is not BaseHandler._unimplemented_method
         ]
 

@@ -23,10 +23,11 @@ from prometheus_client.registry import Collector
 
 from kvd import hookimpl
 from kvd.app import AppContext, Route
-from kvd.handlers.base import ADMIN, BaseHandler
+from kvd.handlers.base import ADMIN, STANDARD_METHODS, BaseHandler
 
 FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+OTHER_METHOD = "other"  # the method label of any request whose method is not a standard one
 
 
 class MetricsPlugin:
@@ -67,6 +68,10 @@ class MetricsPlugin:
 
     @hookimpl
     def request_finished(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        if method not in STANDARD_METHODS:
+            # A client picks the method (BREW, a random token): as a label it would
+            # grow the series, and the cache below, without bound.
+            method = OTHER_METHOD
         children = self._request_children.get((method, endpoint, status))
         if children is None:
             children = (
