@@ -25,7 +25,7 @@ from tornado.httputil import HTTPHeaders
 from kvd.app import AppContext
 from kvd.config import load_config
 from kvd.handlers import make_app
-from kvd.handlers.framing import KvdHTTPServer
+from kvd.handlers.framing import KvdHTTPServer, stop_lingering
 from kvd.handlers.wire import Wire
 from kvd.log.file import FileJournal
 from kvd.server import build_context, mark_ready
@@ -99,6 +99,7 @@ def served() -> Iterator[Any]:
         wire.stop()
         wire.close_all_connections()
         server.stop()
+        stop_lingering()  # what server.close_all_connections() would do, without a loop to run it
         harness.ctx.stop_periodic_tasks()
         harness.journal.close_sync()
 

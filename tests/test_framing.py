@@ -8,6 +8,7 @@ kvd serve's wire switched off (Tornado accepts the connection itself).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 
@@ -116,4 +117,33 @@ async def test_a_client_still_sending_a_refused_body_reads_the_whole_413(http_se
     assert headers["connection"] == "close"
     assert await conn.closed_by_server()
     assert harness.store.get("big") is None
+    conn.close()
+
+
+@pytest.mark.gen_test
+async def test_refused_connections_linger_until_the_client_closes_and_no_longer(http_server, base_url):
+    from kvd.handlers import framing
+
+    conn = await Connection.open(base_url)
+    await conn.send(MALFORMED["two content-lengths"])
+    check_refused(*await conn.response(), expected=400)
+    assert await conn.closed_by_server()
+    assert len(framing._lingering) == 1  # draining what the client might still send
+    conn.close()
+    for _ in range(100):
+        if not framing._lingering:
+            break
+        await asyncio.sleep(0.01)
+    assert not framing._lingering  # gone as soon as the client closed, well before LINGER_SECONDS
+
+
+@pytest.mark.gen_test
+async def test_past_max_lingering_a_refused_connection_is_closed_at_once(http_server, base_url, monkeypatch):
+    from kvd.handlers import framing
+
+    monkeypatch.setattr(framing, "MAX_LINGERING", 0)
+    conn = await Connection.open(base_url)
+    await conn.send(MALFORMED["folded header"])
+    check_refused(*await conn.response(), expected=400)
+    assert not framing._lingering
     conn.close()

@@ -22,6 +22,7 @@ import asyncio
 import os
 import socket
 from asyncio import Future
+from collections.abc import Callable
 from typing import Any
 
 from tornado import httputil
@@ -83,6 +84,10 @@ class KvdHTTPServer(HTTPServer):
         stream.close = close_answering_an_overflow  # type: ignore[method-assign]
         super().handle_stream(stream, address)
 
+    async def close_all_connections(self) -> None:
+        stop_lingering()
+        await super().close_all_connections()
+
 
 def _answer_overflow(stream: IOStream) -> bool:
     """Answer a read that overflowed its limit, unless an answer is still being sent.
@@ -101,6 +106,8 @@ def _answer_overflow(stream: IOStream) -> bool:
 
 
 LINGER_SECONDS = 2.0
+MAX_LINGERING = 256  # past this many at once, a refused connection is closed at once
+_lingering: dict[socket.socket, Callable[[], None]] = {}  # each with what ends its lingering
 
 
 def _linger(sock: socket.socket) -> None:
@@ -111,20 +118,35 @@ def _linger(sock: socket.socket) -> None:
     and a reset can destroy the refusal before the client has read it. A
     duplicate of the socket's descriptor outlives Tornado's close (a TLS
     socket's too: the bytes discarded need no decrypting); its write side is
-    shut at once, so the client sees the end of the answer.
+    shut at once, so the client sees the end of the answer. At most
+    MAX_LINGERING at once, so a flood of refused requests cannot hold
+    descriptors without bound.
     """
+    if len(_lingering) >= MAX_LINGERING:
+        return
     try:
-        lingering = socket.socket(fileno=os.dup(sock.fileno()))
+        descriptor = os.dup(sock.fileno())
+    except OSError:
+        return
+    try:
+        lingering = socket.socket(fileno=descriptor)
+    except OSError:
+        os.close(descriptor)
+        return
+    try:
         lingering.setblocking(False)
         lingering.shutdown(socket.SHUT_WR)
     except OSError:
+        lingering.close()
         return
     loop = asyncio.get_running_loop()
 
     def finish() -> None:
-        loop.remove_reader(lingering)
+        if not loop.is_closed():
+            loop.remove_reader(lingering)
         deadline.cancel()
         lingering.close()
+        _lingering.pop(lingering, None)
 
     def discard() -> None:
         try:
@@ -138,3 +160,10 @@ def _linger(sock: socket.socket) -> None:
 
     deadline = loop.call_later(LINGER_SECONDS, finish)
     loop.add_reader(lingering, discard)
+    _lingering[lingering] = finish
+
+
+def stop_lingering() -> None:
+    """Close every lingering connection now (the server is closing its connections)."""
+    for finish in list(_lingering.values()):
+        finish()
