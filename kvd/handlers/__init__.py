@@ -12,15 +12,9 @@ from kvd.app import AppContext, Route
 from kvd.handlers.admin import CompactHandler
 from kvd.handlers.base import NotFoundHandler
 from kvd.handlers.deadline import BodyDeadline, has_body
-from kvd.handlers.fast import (
-    BodyTooLarge,
-    FastKeyRead,
-    FastKeyWrite,
-    declares_too_large_body,
-    is_plain_key_read,
-    is_plain_key_write,
-)
+from kvd.handlers.fast import FastKeyRead, FastKeyWrite, is_plain_key_read, is_plain_key_write
 from kvd.handlers.feed import FeedHandler
+from kvd.handlers.framing import BodyTooLarge, declares_too_large_body
 from kvd.handlers.health import HealthHandler, ReadyHandler
 from kvd.handlers.keys import KeyHandler, KeysHandler
 from kvd.handlers.openapi import OpenAPIHandler

@@ -1,4 +1,4 @@
-"""Answers given below RequestHandler: the hot read and write paths, and 413 before a body.
+"""Answers given below RequestHandler: the hot read and write paths.
 
 The hot read path is a plain ``GET /keys/{id}``; the hot write path a plain
 ``PUT /keys/{id}`` (no query, no conditions, no plugin that authenticates or
@@ -23,12 +23,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from tornado import httputil
-from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
-from kvd.errors import KvdError, PayloadTooLarge
+from kvd.errors import KvdError
 from kvd.handlers.base import JSON_TYPE, error_body, http_date
-from kvd.handlers.framing import refuse
 from kvd.handlers.keys import (
     check_key,
     encode_value,
@@ -124,6 +122,20 @@ def error_answer(exc: KvdError) -> Answer:
     return exc.status, error_body(exc.code, exc.message), answer_headers(
         {"Content-Type": JSON_TYPE, **exc.headers}
     )
+
+
+_REASONS = {status: reason.encode() for status, reason in httputil.responses.items()}
+
+
+def encode_answer(status: int, body: bytes, headers: dict[str, str], close: bool) -> bytes:
+    """An answer as HTTP/1.1 bytes, for a connection kvd writes itself (the wire, a refusal)."""
+    head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown"))]
+    head.extend(f"{name}: {value}".encode() for name, value in headers.items())
+    if "Content-Length" not in headers and status != 304:
+        head.append(b"Content-Length: %d" % len(body))
+    if close:
+        head.append(b"Connection: close")
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
 def read_answer(key: str, entry: Entry | None, if_none_match: str | None) -> Answer:
@@ -255,40 +267,3 @@ class FastKeyWrite(FastKeyRead):
         except StreamClosedError:
             pass  # the client left; the write stands, like any answered-too-late write
         self.ctx.request_done("PUT", ENDPOINT, status, self.request.request_time())
-
-
-def declares_too_large_body(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:
-    declared = request.headers.get("Content-Length", "")
-    return declared.isdigit() and int(declared) > ctx.config.server.max_body_bytes
-
-
-class BodyTooLarge(httputil.HTTPMessageDelegate):
-    """413 from the Content-Length alone: the body is never read, the connection closes.
-
-    Detaching the stream stops tornado from reading (and refusing) the body
-    itself, so the client gets kvd's JSON error rather than a bare 400.
-    """
-
-    def __init__(self, application: KvdApplication, request: httputil.HTTPServerRequest) -> None:
-        self.ctx = application.ctx
-        self.request = request
-
-    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
-        limit = self.ctx.config.server.max_body_bytes
-        connection = self.request.connection
-        assert isinstance(connection, HTTP1Connection)
-        refuse(connection.detach(), PayloadTooLarge(f"body is larger than {limit} bytes"))
-        endpoint = "/keys" if self.request.path == "/keys" else "unmatched"
-        if self.request.path.startswith(PREFIX):
-            endpoint = ENDPOINT
-        self.ctx.request_done(self.request.method or "", endpoint, 413, self.request.request_time())
-
-    def data_received(self, chunk: bytes) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def on_connection_close(self) -> None:
-        pass
-

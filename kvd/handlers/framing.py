@@ -1,4 +1,4 @@
-"""JSON answers to requests Tornado cannot parse (bad framing, an oversized head).
+"""JSON answers to requests no handler takes: ones Tornado cannot parse, and bodies too large.
 
 Tornado refuses a malformed request (two Content-Lengths, a folded header, a
 bad chunk size, a garbled request line) before any handler exists: it writes
@@ -13,7 +13,7 @@ closing when a read overflowed its limit: 431 for the head, 400 for a chunk-size
 line. Both hook points are Tornado's own internals (the literal bytes of its
 answer, the error it closes with); tests/test_framing.py notices if a Tornado
 upgrade moves them. ``refuse`` answers and closes a stream no handler owns:
-the 413 for a declared body over the limit (``fast.BodyTooLarge``) uses it too.
+the 413 for a declared body over the limit (``BodyTooLarge``) uses it too.
 """
 
 from __future__ import annotations
@@ -23,14 +23,19 @@ import os
 import socket
 from asyncio import Future
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tornado import httputil
+from tornado.http1connection import HTTP1Connection
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
-from kvd.errors import BadRequest, HeaderTooLarge, KvdError
-from kvd.handlers.base import error_body, http_date
+from kvd.errors import BadRequest, HeaderTooLarge, KvdError, PayloadTooLarge
+from kvd.handlers.fast import ENDPOINT, PREFIX, encode_answer, error_answer
+
+if TYPE_CHECKING:
+    from kvd.app import AppContext
+    from kvd.handlers import KvdApplication
 
 TORNADO_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"  # http1connection._read_message_inner
 MALFORMED = BadRequest("malformed HTTP request (framing, request line or headers)")
@@ -39,12 +44,7 @@ HEAD_TOO_LARGE = HeaderTooLarge("request head larger than server.max_header_byte
 
 def refusal(error: KvdError) -> bytes:
     """A whole answer, head and body, after which the connection closes."""
-    body = error_body(error.code, error.message)
-    return (
-        f"HTTP/1.1 {error.status} {httputil.responses[error.status]}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"Cache-Control: no-store\r\nDate: {http_date()}\r\nConnection: close\r\n\r\n"
-    ).encode() + body
+    return encode_answer(*error_answer(error), close=True)
 
 
 def refuse(stream: IOStream, error: KvdError) -> None:
@@ -57,6 +57,42 @@ def refuse(stream: IOStream, error: KvdError) -> None:
         stream.close()
 
     stream.write(refusal(error)).add_done_callback(close)
+
+
+def declares_too_large_body(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:
+    declared = request.headers.get("Content-Length", "")
+    return declared.isdigit() and int(declared) > ctx.config.server.max_body_bytes
+
+
+class BodyTooLarge(httputil.HTTPMessageDelegate):
+    """413 from the Content-Length alone: the body is never read, the connection closes.
+
+    Detaching the stream stops tornado from reading (and refusing) the body
+    itself, so the client gets kvd's JSON error rather than a bare 400.
+    """
+
+    def __init__(self, application: KvdApplication, request: httputil.HTTPServerRequest) -> None:
+        self.ctx = application.ctx
+        self.request = request
+
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
+        limit = self.ctx.config.server.max_body_bytes
+        connection = self.request.connection
+        assert isinstance(connection, HTTP1Connection)
+        refuse(connection.detach(), PayloadTooLarge(f"body is larger than {limit} bytes"))
+        endpoint = "/keys" if self.request.path == "/keys" else "unmatched"
+        if self.request.path.startswith(PREFIX):
+            endpoint = ENDPOINT
+        self.ctx.request_done(self.request.method or "", endpoint, 413, self.request.request_time())
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def on_connection_close(self) -> None:
+        pass
 
 
 class KvdHTTPServer(HTTPServer):
@@ -73,11 +109,10 @@ class KvdHTTPServer(HTTPServer):
             return write(data)
 
         def close_answering_an_overflow(exc_info: Any = False) -> None:
-            nonlocal refused
-            if isinstance(exc_info, UnsatisfiableReadError) and stream.socket is not None:
-                refused = _answer_overflow(stream) or refused
-            if refused and stream.socket is not None:
-                _linger(stream.socket)
+            if stream.socket is not None and (
+                refused or isinstance(exc_info, UnsatisfiableReadError) and _answer_overflow(stream)
+            ):
+                _linger(stream.socket)  # a refusal was sent: let the client read it
             close(exc_info)
 
         stream.write = write_json_errors  # type: ignore[method-assign]

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import unquote_to_bytes
 
-from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.netutil import add_accept_handler
@@ -39,6 +38,7 @@ from tornado.netutil import add_accept_handler
 from kvd.errors import KvdError
 from kvd.handlers.fast import (
     ENDPOINT,
+    encode_answer,
     is_json_write,
     put_then,
     read_answer,
@@ -56,7 +56,6 @@ HEAD_END = b"\r\n\r\n"
 HOT_STARTS = (b"GET " + PREFIX, b"PUT " + PREFIX)
 PEEK_BYTES = 4096  # what a connection's first request is judged by
 HOLD_WHILE_ANSWERING = 1 << 20  # stop reading a pipelining client with this much unanswered
-_REASONS = {status: reason.encode() for status, reason in httputil.responses.items()}
 # Headers that change how a hot request is framed or answered; a second copy of
 # any of them sends the request to tornado, which judges it.
 _WATCHED = frozenset(
@@ -143,16 +142,6 @@ def starts_hot(first: bytes, max_body: int) -> bool:
     return b"?" not in line and any(
         start.startswith(line) or line.startswith(start) for start in HOT_STARTS
     )
-
-
-def response(status: int, headers: dict[str, str], body: bytes, close: bool) -> bytes:
-    head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown"))]
-    head.extend(f"{name}: {value}".encode() for name, value in headers.items())
-    if "Content-Length" not in headers and status != 304:
-        head.append(b"Content-Length: %d" % len(body))
-    if close:
-        head.append(b"Connection: close")
-    return b"\r\n".join(head) + HEAD_END + body
 
 
 class PrefixedIOStream(IOStream):
@@ -245,7 +234,7 @@ class WireConnection(asyncio.Protocol):
             status, body, fields = read_answer(
                 key, ctx.store.get(key), if_none_match.decode("latin-1") if if_none_match is not None else None
             )
-            self.send(response(status, fields, body, request.close), request.close)
+            self.send(encode_answer(status, body, fields, request.close), request.close)
             ctx.request_done("GET", ENDPOINT, status, time.perf_counter() - started)
             return True
         try:
@@ -256,7 +245,7 @@ class WireConnection(asyncio.Protocol):
         self.idle_since = None
 
         def answer(status: int, body: bytes, fields: dict[str, str]) -> None:
-            self.send(response(status, fields, body, request.close), request.close)
+            self.send(encode_answer(status, body, fields, request.close), request.close)
             ctx.request_done("PUT", ENDPOINT, status, time.perf_counter() - started)
             self.answering = False
             if not self.handing_over:
