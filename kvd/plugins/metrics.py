@@ -68,9 +68,17 @@ class MetricsPlugin:
 
     @hookimpl
     def request_finished(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        children = self._request_children.get((method, endpoint, status))
+        if children is None:
+            children = self._children(method, endpoint, status)
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def _children(self, method: str, endpoint: str, status: int) -> tuple[Any, Any]:
+        """The series for these labels, made once. A client picks the method (BREW, any
+        token): as a label it would grow the series, and this cache, without bound, so
+        another than a standard method is labelled (and kept) as 'other'."""
         if method not in STANDARD_METHODS:
-            # A client picks the method (BREW, a random token): as a label it would
-            # grow the series, and the cache below, without bound.
             method = OTHER_METHOD
         children = self._request_children.get((method, endpoint, status))
         if children is None:
@@ -79,8 +87,7 @@ class MetricsPlugin:
                 self.latency.labels(method, endpoint),
             )
             self._request_children[(method, endpoint, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        return children
 
     @hookimpl
     def internal_error(self, error: str) -> None:
