@@ -22,7 +22,6 @@ import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,11 +273,10 @@ def read_snapshot_batches(path: Path) -> tuple[SnapshotHeader, Iterator[EntryBat
 
     def batches() -> Iterator[EntryBatch]:
         digest = hashlib.sha256(first)
-        hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvd-snapshot-digest")
         queued: deque[Future[None]] = deque()  # in order: one worker
         count = 0
         rest = b""
-        with file, _shut_down_after(hashing):
+        with file, ThreadPoolExecutor(1, thread_name_prefix="kvd-snapshot-digest") as hashing:
             while True:
                 chunk = file.read(CHUNK_BYTES)
                 data = rest + chunk
@@ -308,15 +306,6 @@ def read_snapshot_batches(path: Path) -> tuple[SnapshotHeader, Iterator[EntryBat
         raise SnapshotCorrupt(path, "no trailer (file cut short)")
 
     return header, batches()
-
-
-@contextmanager
-def _shut_down_after(executor: ThreadPoolExecutor) -> Iterator[None]:
-    """Stop the digest thread however reading ends (a damaged entry, a caller that stops early)."""
-    try:
-        yield
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _trailer_offset(block: bytes) -> int:
