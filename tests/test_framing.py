@@ -83,8 +83,9 @@ async def test_a_well_formed_error_still_comes_from_the_handler(http_server, bas
     conn.close()
 
 
-def raw_exchange(port: int, raw: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+def exchange(sock: socket.socket, raw: bytes) -> bytes:
+    """Send ``raw`` on a connected socket (plain or TLS), read until the server closes, close."""
+    with sock:
         sock.sendall(raw)
         received = b""
         while chunk := sock.recv(65536):
@@ -98,7 +99,8 @@ def test_kvd_serve_answers_malformed_requests_in_json_with_the_wire_on_or_off(
 ):
     server = kvd_process(tmp_path / "data", env={"KVD_SERVER_FAST_WIRE": fast_wire})
     for raw, status in [(MALFORMED["two content-lengths"], 400), (OVERSIZED_HEAD, 431)]:
-        head, _, body = raw_exchange(server.port, raw).partition(b"\r\n\r\n")
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        head, _, body = exchange(sock, raw).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 %d " % status), head
         assert "error" in json.loads(body)
     assert server.get_key("c").status == 404

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+from test_framing import exchange
 
 
 @pytest.fixture
@@ -128,12 +129,9 @@ def test_tls_serves_https_with_the_configured_certificate(kvd_process, tmp_path)
         (b"PUT /keys/k HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n1", 400),
         (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
     ]:
-        with context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10),
-                                 server_hostname="127.0.0.1") as tls:
-            tls.sendall(raw)
-            received = b""
-            while chunk := tls.recv(65536):
-                received += chunk
+        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10),
+                                  server_hostname="127.0.0.1")
+        received = exchange(tls, raw)
         head, _, body = received.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 %d " % status) and "error" in json.loads(body), received
     with pytest.raises((ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)):
