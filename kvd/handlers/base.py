@@ -28,6 +28,25 @@ STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 READ, WRITE, ADMIN = "read", "write", "admin"
 
 
+def key_in_path(sent: bytes) -> str:
+    """The key a ``/keys/{key}`` request names, from the bytes after ``/keys/`` as sent.
+
+    They are percent-decoded, then read as UTF-8: a key may arrive escaped
+    (``caf%C3%A9``) or as raw UTF-8 (``café``, as curl sends it), and both name
+    the same key on every route. Anything else is a 400, never a guess.
+    """
+    try:
+        return unquote_to_bytes(sent).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the key in the path is not UTF-8 (percent-encode its UTF-8 bytes)") from None
+
+
+def sent_path(request: httputil.HTTPServerRequest) -> bytes:
+    """The request's path as the client sent it: Tornado decodes the request line as
+    Latin-1, so encoding it back restores every byte."""
+    return request.path.encode("latin-1")
+
+
 def error_body(code: str, message: str) -> bytes:
     """The one shape of every error answer."""
     return orjson.dumps({"error": {"code": code, "message": message}})
@@ -190,7 +209,7 @@ class NotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         super().prepare()
-        path = unquote_to_bytes(self.request.path).decode("utf-8", "replace")
+        path = unquote_to_bytes(sent_path(self.request)).decode("utf-8", "replace")
         plugin = self.plugin_routes.get(path)
         if plugin is not None:
             raise NotFound(f"{path} needs the '{plugin}' plugin; enable it in [plugins] enabled")

@@ -20,13 +20,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes
 
 from tornado import httputil
 from tornado.iostream import StreamClosedError
 
 from kvd.errors import KvdError
-from kvd.handlers.base import JSON_TYPE, error_body, http_date
+from kvd.handlers.base import JSON_TYPE, error_body, http_date, key_in_path, sent_path
 from kvd.handlers.keys import (
     check_key,
     encode_value,
@@ -79,8 +78,8 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
         entry, key = None, ""
         if not self.has_body:
             try:
-                key = check_key(unquote_to_bytes(self.request.path[len(PREFIX):]).decode("utf-8"))
-            except (UnicodeDecodeError, KvdError):
+                key = check_key(key_in_path(sent_path(self.request)[len(PREFIX):]))
+            except KvdError:
                 key = ""
             if key:
                 entry = self.ctx.store.get(key)
@@ -248,9 +247,9 @@ class FastKeyWrite(FastKeyRead):
         body = b"".join(self.chunks)
         limit = self.ctx.config.server.max_value_bytes
         try:
-            key = check_key(unquote_to_bytes(self.request.path[len(PREFIX):]).decode("utf-8"))
+            key = check_key(key_in_path(sent_path(self.request)[len(PREFIX):]))
             value = encode_value(key, parse_json(body, 0), limit)
-        except (UnicodeDecodeError, KvdError):
+        except KvdError:
             self._fall_back(body)  # KeyHandler gives the 400/413 and its message
             return
         put_then(self.application, key, value, self._answer)

@@ -29,13 +29,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
-from urllib.parse import unquote_to_bytes
 
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.netutil import add_accept_handler
 
 from kvd.errors import KvdError
+from kvd.handlers.base import key_in_path
 from kvd.handlers.fast import (
     ENDPOINT,
     encode_answer,
@@ -225,8 +225,8 @@ class WireConnection(asyncio.Protocol):
         if not allowed:
             return False
         try:
-            key = check_key(unquote_to_bytes(request.path).decode("utf-8"))
-        except (UnicodeDecodeError, KvdError):
+            key = check_key(key_in_path(request.path))
+        except KvdError:
             return False
         started = time.perf_counter()
         if is_get:  # a miss too is answered here: common enough (a cache's) to keep on the wire
