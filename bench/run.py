@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import servers
-from servers import BENCH_DIR, KVD_PATH_HELP, REPO_ROOT, Options, Running, StartError
+from servers import BENCH_DIR, KVD_PATH_HELP, REPO_ROOT, Options, Running, StartError, run_order
 
 LUA_SCRIPT = BENCH_DIR / "wrk" / "kv.lua"
 WORKLOADS = ("put", "get", "mixed", "list")
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     for repeat in range(args.repeats):
         for workload in args.workloads:
-            for name in names:
+            for name in run_order(names, repeat, args.repeats):
                 done += 1
                 prefix = f"[{done}/{total}] repeat {repeat + 1} {workload:<5} {name:<15}"
                 try:

@@ -418,3 +418,16 @@ def binary_missing(*names: str) -> str | None:
     """None when every binary is on PATH, else a note naming the missing ones."""
     missing = [name for name in names if shutil.which(name) is None]
     return f"{', '.join(missing)} not installed (bench/setup.sh installs it)" if missing else None
+
+
+def run_order(names: list[str], repeat: int, repeats: int) -> list[str]:
+    """The servers in the order repeat number ``repeat`` (from 0) of ``repeats`` runs them.
+
+    Each repeat starts a different part of the way down the list, so no server
+    always runs first or right after the same neighbour. On these machines the
+    place matters: in six rounds of a GET A/B between two kvd commits with the
+    same request path, whichever ran first in its round was faster every time,
+    by 10 to 36 %.
+    """
+    shift = repeat * len(names) // max(repeats, 1) % max(len(names), 1)
+    return names[shift:] + names[:shift]

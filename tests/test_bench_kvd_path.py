@@ -44,3 +44,14 @@ def test_a_server_imports_the_kvd_of_the_checkout_it_is_given(tmp_path):
     run_dir.mkdir()
     assert imported_kvd(servers.Options(kvd_path=other), run_dir) == other / "kvd" / "__init__.py"
     assert imported_kvd(servers.Options(), run_dir) == (REPO / "kvd" / "__init__.py").resolve()
+
+
+def test_each_repeat_runs_every_server_once_and_no_server_always_first():
+    names = ["bare", "bare-uvloop", "kvd", "kvd-everysec", "webdis", "etcd", "flask"]
+    orders = [servers.run_order(names, repeat, 3) for repeat in range(3)]
+    assert all(sorted(order) == sorted(names) for order in orders)
+    assert len({order[0] for order in orders}) == 3
+    for name in names:  # a different place in each repeat
+        assert len({order.index(name) for order in orders}) == 3
+    assert servers.run_order(names, 0, 1) == names
+    assert servers.run_order(["kvd", "bare-uvloop"], 1, 2) == ["bare-uvloop", "kvd"]
