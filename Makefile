@@ -44,7 +44,7 @@ REPLAY_ARGS ?=
 COMPACTION_ARGS ?=
 NATS_ARGS ?=
 
-.PHONY: bench bench-replay bench-compaction bench-nats
+.PHONY: bench bench-replay bench-replay-phases bench-compaction bench-nats
 
 $(BENCH_VENV)/.installed: requirements.txt pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -61,6 +61,9 @@ bench: $(BENCH_VENV)/.installed
 
 bench-replay: $(BENCH_VENV)/.installed
 	$(BENCH_PY) bench/replay.py $(REPLAY_ARGS)
+
+bench-replay-phases: $(BENCH_VENV)/.installed
+	$(BENCH_PY) bench/replay_phases.py $(PHASES_ARGS)
 
 bench-compaction: $(BENCH_VENV)/.installed
 	$(BENCH_PY) bench/compaction.py $(COMPACTION_ARGS)
