@@ -43,3 +43,22 @@ def test_bench_replay_smoke_measures_both_cpu_sets(tmp_path):
     assert len(data["targets"]) == 2 * 3 + 2 * 2
     after = committed.read_bytes() if committed.exists() else None
     assert after == committed_before
+
+
+def test_replay_phases_smoke_prints_every_phase(tmp_path):
+    """bench/replay_phases.py on a small journal: kvd's phases and the whole-file digests
+    always; the C and msgspec rows only where a compiler with OpenSSL's headers, or
+    msgspec, is installed (optional there)."""
+    run = subprocess.run(
+        [sys.executable, "bench/replay_phases.py", "--records", "3000", "--repeats", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.stdout.startswith("3000 records,")
+    rows = {line[:34].strip(): line[34:].split() for line in run.stdout.splitlines()[2:]}
+    per_record = {phase: float(figures[1]) for phase, figures in rows.items()}
+    for phase in ("split", "check", "apply", "sha256 per record (hashlib)"):
+        assert per_record[phase] > 0, phase  # microseconds a record, never 0 at 2 decimals
+    assert {"read", "index sort", "sha256 whole file", "crc32 whole file"} <= set(per_record)
+    phases = sum(per_record[phase] for phase in ("split", "check", "apply", "index sort"))
+    assert per_record["kvd fast path, all phases"] == pytest.approx(phases, abs=0.05)
