@@ -111,6 +111,56 @@ async def test_delete_with_if_match(api):
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("method", ["PATCH", "DELETE"])
+async def test_if_none_match_star_on_an_existing_key_is_412_for_every_write(api, harness, method):
+    """RFC 9110 section 13.1.2: the condition is false when the key exists, so the write must
+    not happen; before, PATCH and DELETE ignored the header and wrote."""
+    await api("PUT", "/keys/k", {"a": 1})
+    response = await api(method, "/keys/k", None if method == "DELETE" else {"b": 2},
+                         headers={"If-None-Match": "*"})
+    assert response.code == 412 and error(response) == "precondition_failed"
+    assert json.loads((await api("GET", "/keys/k")).body) == {"k": {"a": 1}}
+    assert len(harness.journal_lines()) == 1
+    absent = await api(method, "/keys/ghost", None if method == "DELETE" else {"b": 2},
+                       headers={"If-None-Match": "*"})
+    assert absent.code == 404  # the condition holds; the key is still not there to change
+    tagged = await api(method, "/keys/k", None if method == "DELETE" else {"b": 2},
+                       headers={"If-None-Match": '"1"'})
+    assert tagged.code == 400 and error(tagged) == "bad_request"  # as on PUT: only '*'
+    assert len(harness.journal_lines()) == 1
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+@pytest.mark.parametrize(("header", "value", "status"), [
+    ("If-Match", '"1"', 412),  # the collection has no ETag, so no tag matches
+    ("If-Match", 'W/"1", "2"', 412),
+    ("If-None-Match", "*", 412),  # the collection always exists
+    ("If-None-Match", '"1"', 400),  # as on every write: only '*'
+])
+async def test_a_precondition_on_the_whole_collection_is_never_ignored(
+    api, harness, method, header, value, status
+):
+    """Before, PUT and DELETE /keys ignored both headers: DELETE /keys with a stale
+    If-Match cleared every key."""
+    await api("PUT", "/keys/k", 1)
+    response = await api(method, "/keys", {"k": 2} if method == "PUT" else None, headers={header: value})
+    assert response.code == status, response.body
+    assert error(response) == ("precondition_failed" if status == 412 else "bad_request")
+    assert json.loads((await api("GET", "/keys/k")).body) == {"k": 1}
+    assert len(harness.journal_lines()) == 1
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+async def test_if_match_star_on_the_collection_holds(api, harness, method):
+    await api("PUT", "/keys/k", 1)
+    response = await api(method, "/keys", {"k": 2} if method == "PUT" else None, headers={"If-Match": "*"})
+    assert response.code == (200 if method == "PUT" else 204)
+    assert len(harness.journal_lines()) == 2
+
+
+@pytest.mark.gen_test
 async def test_racing_compare_and_set_has_exactly_one_winner(api, harness):
     tag = (await api("PUT", "/keys/counter", 0)).headers["ETag"]
     responses = await asyncio.gather(*(

@@ -375,6 +375,20 @@ class KeysHandler(KeysBodyHandler):
             raise plugin_required("filter", "filter")
         return compiled
 
+    def _check_collection_preconditions(self) -> None:
+        """If-Match / If-None-Match on PUT or DELETE /keys, as RFC 9110 section 13.1 has them
+        for a resource that always exists and has no ETag: ``If-Match: *`` holds, a list of
+        tags never does, ``If-None-Match: *`` never does. Never ignored: a stale If-Match
+        must not let DELETE /keys clear every key."""
+        if_match = self.request.headers.get("If-Match")
+        if if_match is not None and if_match.strip() != "*":
+            raise PreconditionFailed(
+                "/keys has no ETag, so If-Match on it can only be '*'; "
+                "condition each key's write on /keys/{id} instead"
+            )
+        if none_match_star(self.request.headers.get("If-None-Match")):
+            raise PreconditionFailed("/keys always exists, so If-None-Match: * never holds for it")
+
     async def put(self) -> None:
         self.require_ready()
         body = self.json_body()
@@ -388,11 +402,13 @@ class KeysHandler(KeysBodyHandler):
         expires_at = self.expiry_for_write()
         values = {check_key(key): self.encode_value(key, value) for key, value in body.items()}
         expires = dict.fromkeys(values, expires_at) if expires_at is not None else {}
+        self._check_collection_preconditions()
         record = await self.commit(Change(op=OP_PUT, set=values, expires=expires))
         self.send_json(orjson.dumps({"revision": record.seq, "stored": list(values)}))
 
     async def delete(self) -> None:
         self.require_ready()
+        self._check_collection_preconditions()
         await self.commit(Change(op=OP_CLEAR))
         self.set_status(204)
         self.finish()
@@ -453,7 +469,7 @@ class KeyHandler(KeysBodyHandler):
         def prepare() -> Change:
             nonlocal created
             current = self.store.current(key)
-            self._check_preconditions(key, current, none_match_allowed=True)
+            self._check_preconditions(key, current)
             created = current is None
             return Change(op=OP_PUT, set={key: value}, expires=dict(expires))
 
@@ -496,10 +512,9 @@ class KeyHandler(KeysBodyHandler):
         self.set_status(204)
         self.finish()
 
-    def _check_preconditions(
-        self, key: str, current: Entry | None, none_match_allowed: bool = False
-    ) -> None:
-        """If-Match / If-None-Match: * against what writers see (RFC 9110 section 13).
+    def _check_preconditions(self, key: str, current: Entry | None) -> None:
+        """If-Match / If-None-Match: * against what writers see (RFC 9110 section 13), on
+        every write: a precondition the client sent is never ignored.
 
         The caller journals the write right after, with no await in between,
         so check and write are one atomic compare-and-set.
@@ -511,12 +526,18 @@ class KeyHandler(KeysBodyHandler):
                     f"key {key!r} is absent" if current is None
                     else f"key {key!r} is at revision {etag(current)}, not {if_match}"
                 )
-        if_none_match = self.request.headers.get("If-None-Match")
-        if if_none_match is not None and none_match_allowed:
-            if if_none_match.strip() != "*":
-                raise BadRequest("If-None-Match on a write only takes '*'")
-            if current is not None:
-                raise PreconditionFailed(f"key {key!r} already exists")
+        if none_match_star(self.request.headers.get("If-None-Match")) and current is not None:
+            raise PreconditionFailed(f"key {key!r} already exists")
+
+
+def none_match_star(header: str | None) -> bool:
+    """Whether a write's If-None-Match is ``*`` (False when absent); 400 for anything
+    else, which no write here takes."""
+    if header is None:
+        return False
+    if header.strip() != "*":
+        raise BadRequest("If-None-Match on a write only takes '*'")
+    return True
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
