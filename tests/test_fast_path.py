@@ -58,6 +58,17 @@ async def test_fast_path_reads_are_counted_in_metrics(http_client, base_url, app
 
 
 @pytest.mark.gen_test
+async def test_wire_deletes_are_counted_in_metrics(http_client, base_url, app, harness):
+    await http_client.fetch(base_url + "/keys/k", method="PUT", body=b"1",
+                            headers={"Content-Type": "application/json"})
+    for _ in range(2):
+        await http_client.fetch(base_url + "/keys/k", method="DELETE", raise_error=False)
+    metrics = (await http_client.fetch(base_url + "/metrics")).body.decode()
+    assert 'request_count_total{endpoint="/keys/{id}",method="DELETE",status="204"} 1.0' in metrics
+    assert 'request_count_total{endpoint="/keys/{id}",method="DELETE",status="404"} 1.0' in metrics
+
+
+@pytest.mark.gen_test
 async def test_fast_path_steps_aside_while_replaying(http_client, base_url, app, harness):
     harness.store.ready = False
     response = await http_client.fetch(base_url + "/keys/k", raise_error=False)
@@ -113,6 +124,40 @@ async def test_fast_write_path_answers_and_journals_exactly_like_the_handler(
     assert [code for _, code, _, _ in fast] == [201, 200, 201, 201, 201, 400, 400, 400, 400, 400,
                                                 413, 400, 415, 412, 201]
     assert journal_changes(fast_harness) == journal_changes(slow_harness)
+
+
+DELETES = [
+    ("/keys/a", {}),  # present: 204
+    ("/keys/a", {}),  # gone: 404
+    ("/keys/" + quote("a/b c", safe=""), {}),
+    ("/keys/%ff", {}),  # not UTF-8: 400
+    ("/keys/c", {"If-Match": '"1"'}),  # KeyHandler's, on both
+    ("/keys/c", {"If-None-Match": "*"}),
+]
+
+
+async def delete_answers(http_client, url):  # noqa: ANN001, ANN201
+    for path, body, headers in WRITES[:4]:
+        await http_client.fetch(url + path, method="PUT", body=body, headers=headers)
+    found = []
+    for path, headers in DELETES:
+        response = await http_client.fetch(url + path, method="DELETE", headers=headers, raise_error=False)
+        found.append((path, response.code, response.body,
+                      {name: response.headers.get(name) for name in COMPARED_HEADERS}))
+    return found
+
+
+@pytest.mark.gen_test
+async def test_plain_deletes_answer_and_journal_exactly_like_the_handler(http_client, tmp_path, served):
+    from conftest import build_harness
+
+    slow_harness, fast_harness = build_harness(tmp_path / "slow"), build_harness(tmp_path / "fast")
+    slow = await delete_answers(http_client, served(slow_harness, fast_paths=False))
+    fast = await delete_answers(http_client, served(fast_harness))
+    assert fast == slow
+    assert [code for _, code, _, _ in fast] == [204, 404, 204, 400, 412, 412]
+    assert journal_changes(fast_harness) == journal_changes(slow_harness)
+    assert fast_harness.ctx.in_flight == 0
 
 
 @pytest.mark.gen_test

@@ -88,6 +88,48 @@ async def test_pipelined_hot_requests_are_answered_in_order(http_server, base_ur
     conn.close()
 
 
+def delete(key: str, extra: str = "") -> bytes:
+    return f"DELETE /keys/{key} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
+
+
+@pytest.mark.gen_test
+async def test_plain_deletes_are_answered_on_the_wire_in_order(http_server, base_url, harness):
+    conn = await Connection.open(base_url)
+    await conn.send(put("a", 1) + delete("a") + get("/keys/a") + delete("a") + put("a", 2))
+    answers = [await conn.response() for _ in range(5)]
+    assert [status for status, _, _ in answers] == [201, 204, 404, 404, 201]
+    deleted, absent = answers[1], answers[3]
+    assert deleted[2] == b"" and "content-length" not in deleted[1]  # RFC 9110: none on a 204
+    assert json.loads(absent[2]) == {"error": {"code": "not_found", "message": "key 'a' not found"}}
+    assert [line["op"] for line in harness.journal_lines()] == ["put", "delete", "put"]  # no record for the 404
+    assert len(http_server.kvd_wire.connections) == 1 and not http_server._connections
+    conn.close()
+
+
+@pytest.mark.gen_test
+async def test_writes_refused_at_once_are_answered_once_each(http_server, base_url, harness, monkeypatch):
+    """After a failed fsync the store refuses writes before journaling them: the answer comes
+    while the wire is still handling the request, and must not make it handle that same
+    request again (it did, until the recursion limit)."""
+    from kvd.log import file as file_journal
+
+    def failing_fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    conn = await Connection.open(base_url)
+    await conn.send(put("a", 1))
+    assert (await conn.response())[0] == 201
+    monkeypatch.setattr(file_journal.os, "fdatasync", failing_fdatasync)
+    await conn.send(put("b", 1))
+    assert (await conn.response())[0] == 503  # the failed fsync
+    await conn.send(put("c", 1) + delete("a") + get("/keys/a") + put("d", 1))
+    answers = [await conn.response() for _ in range(4)]
+    assert [status for status, _, _ in answers] == [503, 503, 200, 503]
+    assert {json.loads(body)["error"]["code"] for status, _, body in answers if status == 503} == {"unavailable"}
+    assert len(http_server.kvd_wire.connections) == 1
+    conn.close()
+
+
 @pytest.mark.gen_test
 async def test_a_request_only_tornado_answers_hands_the_connection_over_mid_pipeline(
     http_server, base_url, harness
@@ -122,6 +164,9 @@ async def test_a_request_only_tornado_answers_hands_the_connection_over_mid_pipe
         (put("c", 1).replace(b"application/json", b"text/plain"), 415, None),
         # a condition
         (put("c", 1, "If-Match: \"7\"\r\n"), 412, None),
+        # a conditional DELETE, and one with a body: KeyHandler's
+        (delete("c", "If-Match: \"7\"\r\n"), 412, None),
+        (delete("c", "Content-Length: 2\r\n") + b"{}", 404, None),
         # a query string
         (b"PUT /keys/c?expire_in=60 HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
          b"Content-Length: 1\r\n\r\n6", 201, b"6"),
@@ -132,7 +177,8 @@ async def test_a_request_only_tornado_answers_hands_the_connection_over_mid_pipe
         (b"PUT /keys/c HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n X-Folded: y\r\n"
          b"Content-Length: 1\r\n\r\n8", 400, None),
     ],
-    ids=["chunked", "http10", "bad-json", "not-json", "if-match", "query", "two-lengths", "folded"],
+    ids=["chunked", "http10", "bad-json", "not-json", "if-match", "delete-if-match", "delete-with-body",
+         "query", "two-lengths", "folded"],
 )
 async def test_what_the_wire_does_not_take_is_answered_by_tornado(
     http_server, base_url, harness, raw, status, stored
@@ -230,9 +276,12 @@ def test_parse_hot_request_takes_only_whole_plain_requests():
         b"GET /keys/k HTTP/1.1\nHost: t\r\n\r\n", get("/keys/k", "Connection: upgrade\r\n"),
         get("/keys/k", "Content-Length: 3\r\n") + b"abc", put("k", 1, "Expect: 100-continue\r\n"),
         put("k", 1).replace(b"Content-Length: 1", b"Content-Length: +1"),
+        delete("k", "Content-Length: 2\r\n") + b"{}", b"DELETE /keys HTTP/1.1\r\n\r\n",
     ):
         assert parse_hot_request(bytearray(other), limit) is False, other
     assert parse_hot_request(bytearray(put("k", 1)), 0) is False  # over the body limit
+    parsed = parse_hot_request(bytearray(delete("k%20l")), limit)
+    assert isinstance(parsed, HotRequest) and (parsed.method, parsed.path, parsed.body) == (b"DELETE", b"k%20l", b"")
 
 
 @pytest.mark.parametrize("fast_wire", ["true", "false"])
@@ -252,43 +301,51 @@ def test_a_connection_is_judged_by_its_first_request():
     assert not starts_hot(get("/keys?filter=k*"), limit)
     assert not starts_hot(b"GET /keys/k?consistent=1 HTT", limit)
     assert not starts_hot(put("k", 1, 'If-Match: "1"\r\n'), limit)
-    assert not starts_hot(get("/metrics"), limit) and not starts_hot(b"DELETE /keys/k", limit)
+    assert not starts_hot(get("/metrics"), limit) and not starts_hot(b"DELETE /keys HTTP/1.1\r\n", limit)
+    assert starts_hot(b"DELETE /keys/k HTTP/1.1\r\nHost: t\r\n\r\n", limit)
+    assert not starts_hot(b'DELETE /keys/k HTTP/1.1\r\nIf-Match: "1"\r\n\r\n', limit)
 
 
 @pytest.mark.slow
-def test_sigkill_loses_no_put_the_wire_acknowledged(kvd_process, tmp_path):
-    """Keep-alive clients that only ever send plain PUTs stay on the wire throughout;
-    a SIGKILL mid-stream loses none of the writes it answered."""
+def test_sigkill_loses_no_write_the_wire_acknowledged(kvd_process, tmp_path):
+    """Keep-alive clients that only ever send plain PUTs and DELETEs stay on the wire
+    throughout; a SIGKILL mid-stream loses none of the writes it answered."""
     import http.client
     import threading
 
     data_dir = tmp_path / "data"
     server = kvd_process(data_dir)
-    acked: dict[str, int] = {}
-    in_flight: dict[str, int] = {}  # sent, unanswered at the kill: stored or not
+    acked: dict[str, int | None] = {}  # the value each key must hold (None: deleted)
+    in_flight: dict[str, int | None] = {}  # sent, unanswered at the kill: done or not
+    deletes_acked: list[bool] = []
     stop = threading.Event()
 
     def writer(number: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         for n in range(100_000):
             key = f"w{number}-{n % 50}"
-            in_flight[key] = n
+            deleting = (n // 50) % 2 == 1  # 50 keys written, then the same 50 deleted, ...
+            in_flight[key] = None if deleting else n
             try:
-                connection.request("PUT", f"/keys/{key}", body=str(n),
-                                   headers={"Content-Type": "application/json"})
+                if deleting:
+                    connection.request("DELETE", f"/keys/{key}")
+                else:
+                    connection.request("PUT", f"/keys/{key}", body=str(n),
+                                       headers={"Content-Type": "application/json"})
                 response = connection.getresponse()
                 response.read()
             except (OSError, http.client.HTTPException):
                 return  # killed: this write was not acknowledged
-            assert response.status in (200, 201)
-            acked[key] = n
+            assert response.status == 204 if deleting else response.status in (200, 201)
+            acked[key] = in_flight[key]
+            deletes_acked.append(deleting)
             if stop.is_set():
                 return
 
     threads = [threading.Thread(target=writer, args=(number,)) for number in range(4)]
     for thread in threads:
         thread.start()
-    while len(acked) < 150:
+    while deletes_acked.count(True) < 100:  # deletes acknowledged too, not just PUTs
         time.sleep(0.05)
     server.kill(signal.SIGKILL)
     stop.set()

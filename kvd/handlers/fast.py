@@ -35,7 +35,7 @@ from kvd.handlers.keys import (
     missing_key,
     parse_json,
 )
-from kvd.log.format import OP_PUT, Record
+from kvd.log.format import OP_DELETE, OP_PUT, Record
 from kvd.model import Change, Entry
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def encode_answer(status: int, body: bytes, headers: dict[str, str], close: bool
     """An answer as HTTP/1.1 bytes, for a connection kvd writes itself (the wire, a refusal)."""
     head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown"))]
     head.extend(f"{name}: {value}".encode() for name, value in headers.items())
-    if "Content-Length" not in headers and status != 304:
+    if "Content-Length" not in headers and status not in (204, 304):
         head.append(b"Content-Length: %d" % len(body))
     if close:
         head.append(b"Connection: close")
@@ -186,23 +186,45 @@ def put_then(
 ) -> None:
     """Journal a plain PUT of ``key`` and call ``answer(status, body, headers)`` once it is
     durable (201/200), or with the journal's error (e.g. 503). Counted in flight until then."""
-    ctx = application.ctx
-    ctx.in_flight += 1  # until answered: SIGTERM drains it
     created = False
 
     def prepare() -> Change:
         # No await between the check and the append: 201 vs 200 is exact.
         nonlocal created
-        created = ctx.store.current(key) is None
+        created = application.ctx.store.current(key) is None
         return Change(op=OP_PUT, set={key: value})
+
+    def success(record: Record) -> Answer:
+        return 201 if created else 200, key_body(key, value), answer_headers(
+            {"Content-Type": JSON_TYPE, "ETag": f'"{record.seq}"'}
+        )
+
+    _write_then(application, prepare, success, answer)
+
+
+def delete_then(
+    application: KvdApplication, key: str, answer: Callable[[int, bytes, dict[str, str]], None]
+) -> None:
+    """Journal a plain DELETE of ``key``: ``answer`` gets 204 once it is durable, a 404 when the
+    key is absent (as writers see it: nothing is journaled), or the journal's error."""
+    _write_then(
+        application, lambda: Change(op=OP_DELETE, keys=(key,)),
+        lambda record: (204, b"", answer_headers({})), answer,
+    )
+
+
+def _write_then(
+    application: KvdApplication, prepare: Callable[[], Change], success: Callable[[Record], Answer],
+    answer: Callable[[int, bytes, dict[str, str]], None],
+) -> None:
+    """Journal the change ``prepare`` builds, then ``answer`` with ``success(record)`` or the
+    error. Counted in flight until answered."""
+    ctx = application.ctx
+    ctx.in_flight += 1  # until answered: SIGTERM drains it
 
     def written(result: Record | KvdError) -> None:
         ctx.in_flight -= 1
-        if isinstance(result, KvdError):
-            answer(*error_answer(result))
-        else:
-            answer(201 if created else 200, key_body(key, value),
-                   answer_headers({"Content-Type": JSON_TYPE, "ETag": f'"{result.seq}"'}))
+        answer(*(error_answer(result) if isinstance(result, KvdError) else success(result)))
 
     store = ctx.store
     if not store.answers_in_place:

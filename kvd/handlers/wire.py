@@ -7,11 +7,12 @@ An asyncio protocol on uvloop's C transport answers the same request for a
 fraction of that (a bare protocol did about 13x tornado's PUTs per second on
 this machine; see docs/benchmarks.md for kvd's own figures).
 
-What a connection answers itself: GET and PUT of ``/keys/{id}`` that arrive
-whole and in the plainest form (HTTP/1.1, no query, a Content-Length body
-on PUT with a JSON content type and no conditions, at most If-None-Match on
-GET), and only their success answers, a GET's 404 and a PUT's journal error,
-built by the same functions ``kvd.handlers.fast`` and KeyHandler use. On anything else (another path,
+What a connection answers itself: GET, PUT and DELETE of ``/keys/{id}`` that
+arrive whole and in the plainest form (HTTP/1.1, no query, a Content-Length
+body on PUT with a JSON content type, no body on GET and DELETE, no conditions
+on a write, at most If-None-Match on GET), and only their success answers, a
+GET's or DELETE's 404 and a write's journal error, built by the same functions
+``kvd.handlers.fast`` and KeyHandler use. On anything else (another path,
 an absent or bad key, a bad body, a chunked or unfinished body, HTTP/1.0, an
 unusual header) the connection is handed to tornado's HTTPServer together
 with the bytes not yet answered, and stays there: tornado and the URL table
@@ -38,6 +39,7 @@ from kvd.errors import KvdError
 from kvd.handlers.base import key_in_path
 from kvd.handlers.fast import (
     ENDPOINT,
+    delete_then,
     encode_answer,
     is_json_write,
     put_then,
@@ -53,7 +55,7 @@ log = logging.getLogger("kvd.wire")
 
 PREFIX = b"/keys/"
 HEAD_END = b"\r\n\r\n"
-HOT_STARTS = (b"GET " + PREFIX, b"PUT " + PREFIX)
+HOT_STARTS = (b"GET " + PREFIX, b"PUT " + PREFIX, b"DELETE " + PREFIX)
 PEEK_BYTES = 4096  # what a connection's first request is judged by
 HOLD_WHILE_ANSWERING = 1 << 20  # stop reading a pipelining client with this much unanswered
 # Headers that change how a hot request is framed or answered; a second copy of
@@ -90,7 +92,7 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
     if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
         return False
     method, target = request_line[0], request_line[1]
-    if (method not in (b"GET", b"PUT") or not target.startswith(PREFIX) or len(target) == len(PREFIX)
+    if (method not in (b"GET", b"PUT", b"DELETE") or not target.startswith(PREFIX) or len(target) == len(PREFIX)
             or b"?" in target or b"#" in target):
         return False
     headers: dict[bytes, bytes] = {}
@@ -112,8 +114,8 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
     if not length_field.isdigit():
         return False
     length = int(length_field)
-    if method == b"GET" and length:
-        return False
+    if method != b"PUT" and length:
+        return False  # a GET or DELETE with a body: KeyHandler judges it
     if method == b"PUT" and (b"content-length" not in headers or length > max_body):
         return False
     start = end + len(HEAD_END)
@@ -125,9 +127,18 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
 
 def put_is_plain(request: HotRequest) -> bool:
     """A JSON body and no conditions: a PUT the wire answers (plugins permitting)."""
-    headers = request.headers
-    content_type = headers.get(b"content-type", b"").decode("latin-1")
-    return is_json_write(content_type, b"if-match" in headers or b"if-none-match" in headers)
+    content_type = request.headers.get(b"content-type", b"").decode("latin-1")
+    return is_json_write(content_type, _is_conditional(request))
+
+
+def is_plain_write(request: HotRequest) -> bool:
+    """A PUT or DELETE the wire answers (plugins permitting): without conditions, and
+    for a PUT, with a JSON body."""
+    return put_is_plain(request) if request.method == b"PUT" else not _is_conditional(request)
+
+
+def _is_conditional(request: HotRequest) -> bool:
+    return b"if-match" in request.headers or b"if-none-match" in request.headers
 
 
 def starts_hot(first: bytes, max_body: int) -> bool:
@@ -135,7 +146,7 @@ def starts_hot(first: bytes, max_body: int) -> bool:
     they tell: an unfinished head is judged by its request line)."""
     parsed = parse_hot_request(bytearray(first), max_body)
     if isinstance(parsed, HotRequest):
-        return parsed.method == b"GET" or put_is_plain(parsed)
+        return parsed.method == b"GET" or is_plain_write(parsed)
     if parsed is False:
         return False
     line = first.split(b"\r\n", 1)[0]
@@ -215,13 +226,13 @@ class WireConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def answer(self, request: HotRequest) -> bool:
-        """Answer ``request`` (now, or once its PUT is durable); False if tornado must."""
+        """Answer ``request`` (now, or once its write is durable); False if tornado must."""
         ctx = self.ctx
         is_get = request.method == b"GET"
         if is_get:
             allowed = ctx.plain_reads and ctx.store.ready
         else:
-            allowed = writes_plainly(ctx) and put_is_plain(request)
+            allowed = writes_plainly(ctx) and is_plain_write(request)
         if not allowed:
             return False
         try:
@@ -237,21 +248,32 @@ class WireConnection(asyncio.Protocol):
             self.send(encode_answer(status, body, fields, request.close), request.close)
             ctx.request_done("GET", ENDPOINT, status, time.perf_counter() - started)
             return True
-        try:
-            value = encode_value(key, parse_json(request.body, 0), ctx.config.server.max_value_bytes)
-        except KvdError:
-            return False  # KeyHandler gives the 400/413 and its message
+        value = b""
+        if request.method == b"PUT":
+            try:
+                value = encode_value(key, parse_json(request.body, 0), ctx.config.server.max_value_bytes)
+            except KvdError:
+                return False  # KeyHandler gives the 400/413 and its message
         self.answering = True
         self.idle_since = None
+        method = request.method.decode()
+        waiting = False  # whether the answer comes later, from the journal
 
         def answer(status: int, body: bytes, fields: dict[str, str]) -> None:
             self.send(encode_answer(status, body, fields, request.close), request.close)
-            ctx.request_done("PUT", ENDPOINT, status, time.perf_counter() - started)
+            ctx.request_done(method, ENDPOINT, status, time.perf_counter() - started)
             self.answering = False
-            if not self.handing_over:
+            # An answer given at once (a 404, or a refusal after a failed fsync) returns to
+            # serve(), which goes on; only a later one resumes it. Calling serve() from here
+            # at once would take this same request, not yet removed, again.
+            if waiting and not self.handing_over:
                 self.serve()
 
-        put_then(self.wire.application, key, value, answer)
+        if request.method == b"PUT":
+            put_then(self.wire.application, key, value, answer)
+        else:
+            delete_then(self.wire.application, key, answer)
+        waiting = True
         return True
 
     def send(self, data: bytes, close: bool) -> None:
