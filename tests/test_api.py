@@ -270,6 +270,19 @@ async def test_head_length_is_what_get_would_send(api):
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/keys/absent", "/keys/k?at=junk", "/keys/%ff"])
+async def test_an_error_head_length_is_what_get_would_send_too(api, path):
+    """RFC 9110 section 8.6: a HEAD answer's Content-Length, when sent, is the length of what
+    GET would send; an error's was 0."""
+    await api("PUT", "/keys", {"k": 1})
+    get = await api("GET", path)
+    head = await api("HEAD", path)
+    assert head.code == get.code >= 400 and head.body == b""
+    assert int(head.headers["Content-Length"]) == len(get.body)
+    assert head.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.gen_test
 async def test_listing_has_no_etag_so_no_stale_304(api):
     await api("PUT", "/keys", {"k": 1})
     response = await api("GET", "/keys")

@@ -169,10 +169,13 @@ class BaseHandler(RequestHandler):
         for name, value in headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", JSON_TYPE)
+        body = error_body(code, message)
         if self.request.method == "HEAD":
+            # The length GET would send (RFC 9110 section 8.6), not 0 for the body left out.
+            self.set_header("Content-Length", len(body))
             self.finish()
             return
-        self.finish(error_body(code, message))
+        self.finish(body)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, HTTPError):
