@@ -42,7 +42,7 @@ class ServerConfig:
     idle_timeout: float = 60.0  # also bounds how long a client may take to send headers
     body_timeout: float = 30.0
     drain_seconds: float = 30.0
-    fast_wire: bool = True  # plain GET/PUT/DELETE /keys/{id} on kvd's own connections (kvd.handlers.wire)
+    fast_wire: bool = True  # plain GET/HEAD/PUT/DELETE /keys/{id} on kvd's own connections (kvd.handlers.wire)
     certfile: str = ""  # PEM certificate (chain); with keyfile, serve HTTPS
     keyfile: str = ""
 

@@ -25,10 +25,10 @@ REQUESTS = [
 COMPARED_HEADERS = ("Content-Type", "ETag", "Cache-Control", "Content-Length", "Allow")
 
 
-async def answers(http_client, base_url):  # noqa: ANN001, ANN201
+async def answers(http_client, base_url, method="GET"):  # noqa: ANN001, ANN201
     found = []
     for path, headers in REQUESTS:
-        response = await http_client.fetch(base_url + path, headers=headers, raise_error=False)
+        response = await http_client.fetch(base_url + path, method=method, headers=headers, raise_error=False)
         found.append((path, response.code, response.body,
                       {name: response.headers.get(name) for name in COMPARED_HEADERS}))
     return found
@@ -45,6 +45,29 @@ async def test_fast_path_answers_exactly_like_the_handler(http_client, base_url,
     assert fast == slow
     assert [code for _, code, _, _ in fast] == [200, 200, 200, 200, 200, 404, 400, 400, 304, 304,
                                                 200, 200]  # ?at=1: KeyHandler reads seq 1
+
+
+@pytest.mark.gen_test
+async def test_head_on_the_wire_answers_exactly_like_the_handler(http_client, tmp_path, served):
+    """Each fetch is a new connection whose first request is the HEAD: kvd's own
+    connection answers it with the fast paths on, KeyHandler with them off."""
+    from conftest import build_harness
+
+    slow_harness, fast_harness = build_harness(tmp_path / "slow"), build_harness(tmp_path / "fast")
+    found = []
+    for harness, fast_paths in ((slow_harness, False), (fast_harness, True)):
+        url = served(harness, fast_paths=fast_paths)
+        await http_client.fetch(url + "/keys", method="PUT", body=json.dumps(KEYS),
+                                headers={"Content-Type": "application/json"})
+        found.append(await answers(http_client, url, method="HEAD"))
+    slow, fast = found
+    assert fast == slow
+    assert [code for _, code, _, _ in fast] == [200, 200, 200, 200, 200, 404, 400, 400, 304, 304,
+                                                200, 200]
+    assert all(body == b"" for _, _, body, _ in fast)
+    gets = await answers(http_client, url)  # GET on the same store: the same lengths
+    assert [headers["Content-Length"] for *_, headers in fast] == [
+        headers["Content-Length"] for *_, headers in gets]
 
 
 @pytest.mark.gen_test

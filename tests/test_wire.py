@@ -272,7 +272,7 @@ def test_parse_hot_request_takes_only_whole_plain_requests():
     assert parse_hot_request(whole[:-1], limit) is False  # body unfinished: tornado reads it
     for other in (
         get("/keys/"), get("/keys"), get("/healthz"), get("/keys/k?x=1"),
-        b"HEAD /keys/k HTTP/1.1\r\n\r\n", b"GET /keys/k HTTP/1.0\r\n\r\n",
+        b"HEAD /keys/k HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", b"GET /keys/k HTTP/1.0\r\n\r\n",
         b"GET /keys/k HTTP/1.1\nHost: t\r\n\r\n", get("/keys/k", "Connection: upgrade\r\n"),
         get("/keys/k", "Content-Length: 3\r\n") + b"abc", put("k", 1, "Expect: 100-continue\r\n"),
         put("k", 1).replace(b"Content-Length: 1", b"Content-Length: +1"),
@@ -280,6 +280,8 @@ def test_parse_hot_request_takes_only_whole_plain_requests():
     ):
         assert parse_hot_request(bytearray(other), limit) is False, other
     assert parse_hot_request(bytearray(put("k", 1)), 0) is False  # over the body limit
+    parsed = parse_hot_request(bytearray(b"HEAD /keys/k HTTP/1.1\r\nHost: t\r\n\r\n"), limit)
+    assert isinstance(parsed, HotRequest) and parsed.method == b"HEAD"
     parsed = parse_hot_request(bytearray(delete("k%20l")), limit)
     assert isinstance(parsed, HotRequest) and (parsed.method, parsed.path, parsed.body) == (b"DELETE", b"k%20l", b"")
 

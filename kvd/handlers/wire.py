@@ -7,11 +7,11 @@ An asyncio protocol on uvloop's C transport answers the same request for a
 fraction of that (a bare protocol did about 13x tornado's PUTs per second on
 this machine; see docs/benchmarks.md for kvd's own figures).
 
-What a connection answers itself: GET, PUT and DELETE of ``/keys/{id}`` that
-arrive whole and in the plainest form (HTTP/1.1, no query, a Content-Length
-body on PUT with a JSON content type, no body on GET and DELETE, no conditions
-on a write, at most If-None-Match on GET), and only their success answers, a
-GET's or DELETE's 404 and a write's journal error, built by the same functions
+What a connection answers itself: GET, HEAD, PUT and DELETE of ``/keys/{id}``
+that arrive whole and in the plainest form (HTTP/1.1, no query, a
+Content-Length body on PUT with a JSON content type, no body otherwise, no
+conditions on a write, at most If-None-Match on a read), and only their success
+answers, a 404 and a write's journal error, built by the same functions
 ``kvd.handlers.fast`` and KeyHandler use. On anything else (another path,
 an absent or bad key, a bad body, a chunked or unfinished body, HTTP/1.0, an
 unusual header) the connection is handed to tornado's HTTPServer together
@@ -55,7 +55,8 @@ log = logging.getLogger("kvd.wire")
 
 PREFIX = b"/keys/"
 HEAD_END = b"\r\n\r\n"
-HOT_STARTS = (b"GET " + PREFIX, b"PUT " + PREFIX, b"DELETE " + PREFIX)
+HOT_STARTS = (b"GET " + PREFIX, b"HEAD " + PREFIX, b"PUT " + PREFIX, b"DELETE " + PREFIX)
+READS = (b"GET", b"HEAD")
 PEEK_BYTES = 4096  # what a connection's first request is judged by
 HOLD_WHILE_ANSWERING = 1 << 20  # stop reading a pipelining client with this much unanswered
 # Headers that change how a hot request is framed or answered; a second copy of
@@ -92,7 +93,7 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
     if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
         return False
     method, target = request_line[0], request_line[1]
-    if (method not in (b"GET", b"PUT", b"DELETE") or not target.startswith(PREFIX) or len(target) == len(PREFIX)
+    if (method not in (b"GET", b"HEAD", b"PUT", b"DELETE") or not target.startswith(PREFIX) or len(target) == len(PREFIX)
             or b"?" in target or b"#" in target):
         return False
     headers: dict[bytes, bytes] = {}
@@ -115,7 +116,7 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
         return False
     length = int(length_field)
     if method != b"PUT" and length:
-        return False  # a GET or DELETE with a body: KeyHandler judges it
+        return False  # a body on a read or a DELETE: KeyHandler judges it
     if method == b"PUT" and (b"content-length" not in headers or length > max_body):
         return False
     start = end + len(HEAD_END)
@@ -146,7 +147,7 @@ def starts_hot(first: bytes, max_body: int) -> bool:
     they tell: an unfinished head is judged by its request line)."""
     parsed = parse_hot_request(bytearray(first), max_body)
     if isinstance(parsed, HotRequest):
-        return parsed.method == b"GET" or is_plain_write(parsed)
+        return parsed.method in READS or is_plain_write(parsed)
     if parsed is False:
         return False
     line = first.split(b"\r\n", 1)[0]
@@ -228,8 +229,8 @@ class WireConnection(asyncio.Protocol):
     def answer(self, request: HotRequest) -> bool:
         """Answer ``request`` (now, or once its write is durable); False if tornado must."""
         ctx = self.ctx
-        is_get = request.method == b"GET"
-        if is_get:
+        is_read = request.method in READS
+        if is_read:
             allowed = ctx.plain_reads and ctx.store.ready
         else:
             allowed = writes_plainly(ctx) and is_plain_write(request)
@@ -240,13 +241,19 @@ class WireConnection(asyncio.Protocol):
         except KvdError:
             return False
         started = time.perf_counter()
-        if is_get:  # a miss too is answered here: common enough (a cache's) to keep on the wire
+        if is_read:  # a miss too is answered here: common enough (a cache's) to keep on the wire
             if_none_match = request.headers.get(b"if-none-match")
             status, body, fields = read_answer(
                 key, ctx.store.get(key), if_none_match.decode("latin-1") if if_none_match is not None else None
             )
+            method = "GET"
+            if request.method == b"HEAD":  # GET's headers, its Content-Length included, no body
+                method = "HEAD"
+                if status != 304:
+                    fields.setdefault("Content-Length", str(len(body)))
+                body = b""
             self.send(encode_answer(status, body, fields, request.close), request.close)
-            ctx.request_done("GET", ENDPOINT, status, time.perf_counter() - started)
+            ctx.request_done(method, ENDPOINT, status, time.perf_counter() - started)
             return True
         value = b""
         if request.method == b"PUT":

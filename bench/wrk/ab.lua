@@ -1,10 +1,11 @@
--- wrk script: plain PUTs and DELETEs of keys k0 .. k9999 against kvd, for A/B runs of the
--- write paths (not part of bench/run.py's table).
+-- wrk script: single-key requests for keys k0 .. k9999 against kvd, for A/B runs of
+-- one request path against another commit (not part of bench/run.py's table).
 --
---   wrk -t 2 -c 64 -d 5 -s bench/wrk/churn.lua URL -- MODE
+--   wrk -t 2 -c 64 -d 5 -s bench/wrk/ab.lua URL -- MODE
 --
 -- MODE put: only PUTs of a 100-byte JSON string; churn: each request a PUT or a DELETE
--- of a random key, half and half (a DELETE of a key already gone is a 404).
+-- of a random key, half and half (a DELETE of a key already gone is a 404). No HEAD mode:
+-- wrk waits for the body a HEAD answer's Content-Length announces, which never comes.
 -- Each thread seeds its generator with its own number, so threads walk different keys.
 
 local threads_started = 0
