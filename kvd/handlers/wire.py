@@ -55,8 +55,8 @@ log = logging.getLogger("kvd.wire")
 
 PREFIX = b"/keys/"
 HEAD_END = b"\r\n\r\n"
-HOT_STARTS = (b"GET " + PREFIX, b"HEAD " + PREFIX, b"PUT " + PREFIX, b"DELETE " + PREFIX)
-READS = (b"GET", b"HEAD")
+READS, WRITES = (b"GET", b"HEAD"), (b"PUT", b"DELETE")
+HOT_STARTS = tuple(method + b" " + PREFIX for method in READS + WRITES)
 PEEK_BYTES = 4096  # what a connection's first request is judged by
 HOLD_WHILE_ANSWERING = 1 << 20  # stop reading a pipelining client with this much unanswered
 # Headers that change how a hot request is framed or answered; a second copy of
@@ -93,7 +93,7 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
     if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
         return False
     method, target = request_line[0], request_line[1]
-    if (method not in (b"GET", b"HEAD", b"PUT", b"DELETE") or not target.startswith(PREFIX) or len(target) == len(PREFIX)
+    if (method not in READS + WRITES or not target.startswith(PREFIX) or len(target) == len(PREFIX)
             or b"?" in target or b"#" in target):
         return False
     headers: dict[bytes, bytes] = {}
@@ -126,20 +126,14 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
     return HotRequest(method, target[len(PREFIX):], headers, body, start + length, connection == b"close")
 
 
-def put_is_plain(request: HotRequest) -> bool:
-    """A JSON body and no conditions: a PUT the wire answers (plugins permitting)."""
-    content_type = request.headers.get(b"content-type", b"").decode("latin-1")
-    return is_json_write(content_type, _is_conditional(request))
-
-
 def is_plain_write(request: HotRequest) -> bool:
     """A PUT or DELETE the wire answers (plugins permitting): without conditions, and
     for a PUT, with a JSON body."""
-    return put_is_plain(request) if request.method == b"PUT" else not _is_conditional(request)
-
-
-def _is_conditional(request: HotRequest) -> bool:
-    return b"if-match" in request.headers or b"if-none-match" in request.headers
+    headers = request.headers
+    conditional = b"if-match" in headers or b"if-none-match" in headers
+    if request.method == b"DELETE":
+        return not conditional
+    return is_json_write(headers.get(b"content-type", b"").decode("latin-1"), conditional)
 
 
 def starts_hot(first: bytes, max_body: int) -> bool:
