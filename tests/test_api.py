@@ -222,9 +222,9 @@ async def test_unknown_route_is_404_json(api):
 async def test_unsupported_method_is_405_with_allow(api):
     response = await api("POST", "/keys", {"a": 1})
     assert response.code == 405 and error_code(response) == "method_not_allowed"
-    assert set(response.headers["Allow"].split(", ")) == {"GET", "PUT", "DELETE"}
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
     response = await api("PUT", "/healthz", {"a": 1})
-    assert response.code == 405 and response.headers["Allow"] == "GET"
+    assert response.code == 405 and response.headers["Allow"] == "GET, HEAD"
 
 
 @pytest.mark.gen_test
@@ -242,6 +242,16 @@ async def test_not_ready_answers_503_on_keys_and_readyz(api, harness):
         assert response.code == 503 and error_code(response) == "unavailable"
         assert response.headers["Retry-After"] == "1"
     assert (await api("GET", "/healthz")).code == 200
+    head = await api("HEAD", "/readyz")  # for load balancers that check with HEAD
+    assert head.code == 503 and head.headers["Retry-After"] == "1"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+async def test_health_and_ready_answer_head_as_get_without_the_body(api, path):
+    get, head = await api("GET", path), await api("HEAD", path)
+    assert head.code == get.code == 200 and head.body == b""
+    assert head.headers["Content-Length"] == str(len(get.body))
 
 
 @pytest.mark.gen_test
@@ -280,6 +290,30 @@ async def test_an_error_head_length_is_what_get_would_send_too(api, path):
     assert head.code == get.code >= 400 and head.body == b""
     assert int(head.headers["Content-Length"]) == len(get.body)
     assert head.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("query", ["", "?limit=2", "?filter=k1*", "?limit=0", "?filter=%5Bz"])
+async def test_head_of_a_listing_has_what_get_would_send_but_the_body(api, query):
+    """HEAD /keys (the original Flask service answered it; kvd said 405)."""
+    await api("PUT", "/keys", {f"k{n}": n for n in range(5)})
+    get = await api("GET", "/keys" + query)
+    head = await api("HEAD", "/keys" + query)
+    assert head.code == get.code and head.body == b""
+    for name in ("Content-Type", "Content-Length", "Link"):
+        assert head.headers.get(name) == get.headers.get(name), name
+
+
+@pytest.mark.gen_test
+async def test_head_of_a_streamed_listing_has_no_length_like_its_get(api):
+    from kvd.handlers.keys import LISTING_BATCH
+
+    await api("PUT", "/keys", {f"k{n:05d}": n for n in range(LISTING_BATCH + 1)})
+    get = await api("GET", "/keys")
+    head = await api("HEAD", "/keys")
+    assert len(json.loads(get.body)) == LISTING_BATCH + 1
+    assert "Content-Length" not in get.headers  # streamed: chunked
+    assert head.code == 200 and head.body == b"" and "Content-Length" not in head.headers
 
 
 @pytest.mark.gen_test

@@ -16,6 +16,8 @@ class HealthHandler(BaseHandler):
     def get(self) -> None:
         self.send_json(b'{"status":"ok"}')
 
+    head = get  # Tornado leaves the body out; some load balancers check with HEAD
+
 
 class ReadyHandler(BaseHandler):
     """``/readyz``: 200 once replay is done and while the journal takes writes."""
@@ -30,3 +32,5 @@ class ReadyHandler(BaseHandler):
         if problem is not None:
             raise Unavailable(problem)
         self.send_json(orjson.dumps({"status": "ready", "revision": journal.last_seq if journal else 0}))
+
+    head = get

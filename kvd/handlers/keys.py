@@ -300,6 +300,12 @@ class KeysHandler(KeysBodyHandler):
             self.set_header("Link", f'<{self._next_url(page[-1][0], limit)}>; rel="next"')
         self.finish(b"{" + json_members(page) + b"}")
 
+    async def head(self) -> None:
+        """GET's answer without its body, which Tornado leaves out of a HEAD: the same checks
+        and headers, and GET's Content-Length, except for a listing long enough to be
+        streamed, whose GET has none either (it is sent chunked)."""
+        await self.get()
+
     def _batches(
         self, key_filter: KeyFilter | None, after: str | None, batch: int,
         past: list[tuple[str, bytes]] | None,
