@@ -209,6 +209,7 @@ async def test_body_over_limit_is_413(api, harness):
 async def test_bad_expire_in_is_400(api, harness, expire_in):
     response = await api("PUT", "/keys?expire_in=" + quote(expire_in), {"a": 1})
     assert response.code == 400 and error_code(response) == "bad_request"
+    assert "positive" in json.loads(response.body)["error"]["message"]  # -1 is a number; say what is wanted
     assert harness.journal_lines() == []
 
 

@@ -48,7 +48,9 @@ class ExpiryPlugin:
     def resolve_expiry(self, expire_in: str, now: float) -> float:
         # float() alone would also take "1_000", " 1 " and non-ASCII digits.
         if not _DECIMAL.fullmatch(expire_in):
-            raise BadRequest(f"expire_in must be a number of seconds, not {expire_in!r}")
+            raise BadRequest(
+                f"expire_in must be a positive decimal number of seconds (30, 1.5, 1e3), not {expire_in!r}"
+            )
         seconds = float(expire_in)
         if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_EXPIRE_IN:
             raise BadRequest(
