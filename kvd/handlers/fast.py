@@ -126,15 +126,21 @@ def error_answer(exc: KvdError) -> Answer:
 _REASONS = {status: reason.encode() for status, reason in httputil.responses.items()}
 
 
-def encode_answer(status: int, body: bytes, headers: dict[str, str], close: bool) -> bytes:
-    """An answer as HTTP/1.1 bytes, for a connection kvd writes itself (the wire, a refusal)."""
+def encode_answer(
+    status: int, body: bytes, headers: dict[str, str], close: bool, head_only: bool = False
+) -> bytes:
+    """An answer as HTTP/1.1 bytes, for a connection kvd writes itself (the wire, a refusal).
+
+    ``head_only``: the answer to a HEAD, which is GET's (its Content-Length too) without
+    the body.
+    """
     head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown"))]
     head.extend(f"{name}: {value}".encode() for name, value in headers.items())
     if "Content-Length" not in headers and status not in (204, 304):
         head.append(b"Content-Length: %d" % len(body))
     if close:
         head.append(b"Connection: close")
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+    return b"\r\n".join(head) + b"\r\n\r\n" + (b"" if head_only else body)
 
 
 def read_answer(key: str, entry: Entry | None, if_none_match: str | None) -> Answer:

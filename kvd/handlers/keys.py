@@ -300,11 +300,9 @@ class KeysHandler(KeysBodyHandler):
             self.set_header("Link", f'<{self._next_url(page[-1][0], limit)}>; rel="next"')
         self.finish(b"{" + json_members(page) + b"}")
 
-    async def head(self) -> None:
-        """GET's answer without its body, which Tornado leaves out of a HEAD: the same checks
-        and headers, and GET's Content-Length, except for a listing long enough to be
-        streamed, whose GET has none either (it is sent chunked)."""
-        await self.get()
+    # GET's answer, whose body Tornado leaves out of a HEAD: the same checks and headers, and
+    # GET's Content-Length, except for a listing long enough to be streamed (sent chunked).
+    head = get
 
     def _batches(
         self, key_filter: KeyFilter | None, after: str | None, batch: int,
@@ -456,13 +454,7 @@ class KeyHandler(KeysBodyHandler):
             return
         self.send_json(key_body(key, value))
 
-    async def head(self, key: str) -> None:
-        value = await self._read(key)
-        self.set_header("Content-Type", JSON_TYPE)
-        if self.get_status() != 304:
-            # The length GET would send: {"<key>":<value>}
-            self.set_header("Content-Length", len(orjson.dumps(key)) + len(value) + 3)
-        self.finish()
+    head = get  # Tornado sends GET's headers, its Content-Length too, and leaves out the body
 
     async def put(self, key: str) -> None:
         self.require_ready()

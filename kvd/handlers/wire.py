@@ -240,14 +240,9 @@ class WireConnection(asyncio.Protocol):
             status, body, fields = read_answer(
                 key, ctx.store.get(key), if_none_match.decode("latin-1") if if_none_match is not None else None
             )
-            method = "GET"
-            if request.method == b"HEAD":  # GET's headers, its Content-Length included, no body
-                method = "HEAD"
-                if status != 304:
-                    fields.setdefault("Content-Length", str(len(body)))
-                body = b""
-            self.send(encode_answer(status, body, fields, request.close), request.close)
-            ctx.request_done(method, ENDPOINT, status, time.perf_counter() - started)
+            head_only = request.method == b"HEAD"
+            self.send(encode_answer(status, body, fields, request.close, head_only), request.close)
+            ctx.request_done("HEAD" if head_only else "GET", ENDPOINT, status, time.perf_counter() - started)
             return True
         value = b""
         if request.method == b"PUT":
