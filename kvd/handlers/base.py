@@ -47,6 +47,11 @@ def sent_path(request: httputil.HTTPServerRequest) -> bytes:
     return request.path.encode("latin-1")
 
 
+def requested_key(request: httputil.HTTPServerRequest) -> str:
+    """The key of a ``/keys/{key}`` request Tornado parsed (``key_in_path`` of its path)."""
+    return key_in_path(sent_path(request)[len(b"/keys/"):])
+
+
 def error_body(code: str, message: str) -> bytes:
     """The one shape of every error answer."""
     return orjson.dumps({"error": {"code": code, "message": message}})

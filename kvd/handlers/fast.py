@@ -25,7 +25,7 @@ from tornado import httputil
 from tornado.iostream import StreamClosedError
 
 from kvd.errors import KvdError
-from kvd.handlers.base import JSON_TYPE, error_body, http_date, key_in_path, sent_path
+from kvd.handlers.base import JSON_TYPE, error_body, http_date, requested_key
 from kvd.handlers.keys import (
     check_key,
     encode_value,
@@ -78,7 +78,7 @@ class FastKeyRead(httputil.HTTPMessageDelegate):
         entry, key = None, ""
         if not self.has_body:
             try:
-                key = check_key(key_in_path(sent_path(self.request)[len(PREFIX):]))
+                key = check_key(requested_key(self.request))
             except KvdError:
                 key = ""
             if key:
@@ -275,7 +275,7 @@ class FastKeyWrite(FastKeyRead):
         body = b"".join(self.chunks)
         limit = self.ctx.config.server.max_value_bytes
         try:
-            key = check_key(key_in_path(sent_path(self.request)[len(PREFIX):]))
+            key = check_key(requested_key(self.request))
             value = encode_value(key, parse_json(body, 0), limit)
         except KvdError:
             self._fall_back(body)  # KeyHandler gives the 400/413 and its message

@@ -30,7 +30,7 @@ from kvd.errors import (
     UnsupportedMediaType,
     plugin_required,
 )
-from kvd.handlers.base import JSON_TYPE, READ, WRITE, BaseHandler, key_in_path, sent_path
+from kvd.handlers.base import JSON_TYPE, READ, WRITE, BaseHandler, requested_key
 from kvd.handlers.feed import parse_seq, retained_history
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record, parse_ts
 from kvd.log.history import History, HistoryGone
@@ -425,7 +425,7 @@ class KeyHandler(KeysBodyHandler):
         """The key (the route's one unnamed group) from the bytes the client sent: Tornado
         unescapes it from the request line's Latin-1 text, which garbles raw UTF-8."""
         if name is None:
-            return key_in_path(sent_path(self.request)[len(b"/keys/"):])
+            return requested_key(self.request)
         return super().decode_argument(value, name)
 
     async def _read(self, key: str) -> bytes:
