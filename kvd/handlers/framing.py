@@ -19,7 +19,6 @@ the 413 for a declared body over the limit (``BodyTooLarge``) uses it too.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from asyncio import Future
 from collections.abc import Callable
@@ -160,13 +159,8 @@ def _linger(sock: socket.socket) -> None:
     if len(_lingering) >= MAX_LINGERING:
         return
     try:
-        descriptor = os.dup(sock.fileno())
+        lingering = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a duplicate descriptor
     except OSError:
-        return
-    try:
-        lingering = socket.socket(fileno=descriptor)
-    except OSError:
-        os.close(descriptor)
         return
     try:
         lingering.setblocking(False)
