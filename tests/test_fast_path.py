@@ -25,13 +25,19 @@ REQUESTS = [
 COMPARED_HEADERS = ("Content-Type", "ETag", "Cache-Control", "Content-Length", "Allow")
 
 
-async def answers(http_client, base_url, method="GET"):  # noqa: ANN001, ANN201
+async def answered(http_client, url, method, requests):  # noqa: ANN001, ANN201
+    """(path, status, body, compared headers) for each (path, body, headers) request."""
     found = []
-    for path, headers in REQUESTS:
-        response = await http_client.fetch(base_url + path, method=method, headers=headers, raise_error=False)
+    for path, body, headers in requests:
+        response = await http_client.fetch(url + path, method=method, body=body, headers=headers,
+                                           raise_error=False)
         found.append((path, response.code, response.body,
                       {name: response.headers.get(name) for name in COMPARED_HEADERS}))
     return found
+
+
+async def answers(http_client, base_url, method="GET"):  # noqa: ANN001, ANN201
+    return await answered(http_client, base_url, method, [(path, None, headers) for path, headers in REQUESTS])
 
 
 @pytest.mark.gen_test
@@ -119,13 +125,7 @@ WRITES = [
 
 
 async def write_answers(http_client, url):  # noqa: ANN001, ANN201
-    found = []
-    for path, body, headers in WRITES:
-        response = await http_client.fetch(url + path, method="PUT", body=body, headers=headers,
-                                           raise_error=False)
-        found.append((path, response.code, response.body,
-                      {name: response.headers.get(name) for name in COMPARED_HEADERS}))
-    return found
+    return await answered(http_client, url, "PUT", WRITES)
 
 
 def journal_changes(harness):  # noqa: ANN001, ANN201
@@ -162,12 +162,7 @@ DELETES = [
 async def delete_answers(http_client, url):  # noqa: ANN001, ANN201
     for path, body, headers in WRITES[:4]:
         await http_client.fetch(url + path, method="PUT", body=body, headers=headers)
-    found = []
-    for path, headers in DELETES:
-        response = await http_client.fetch(url + path, method="DELETE", headers=headers, raise_error=False)
-        found.append((path, response.code, response.body,
-                      {name: response.headers.get(name) for name in COMPARED_HEADERS}))
-    return found
+    return await answered(http_client, url, "DELETE", [(path, None, headers) for path, headers in DELETES])
 
 
 @pytest.mark.gen_test
