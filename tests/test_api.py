@@ -273,6 +273,45 @@ async def test_at_on_a_write_is_refused_not_ignored(api, path):
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("method, target, body, unknown", [
+    ("PUT", "/keys?expires_in=60", {"k": 2}, "expires_in"),  # a misspelt expire_in
+    ("PUT", "/keys/k?expire_in=60&ttl=5", 2, "ttl"),
+    ("PATCH", "/keys/k?limit=1", {"x": 1}, "limit"),
+    ("DELETE", "/keys/k?force=1", None, "force"),
+    ("DELETE", "/keys?filter=tmp*", None, "filter"),  # ignored, it would delete every key
+])
+async def test_an_unknown_query_parameter_on_a_write_is_a_400_and_writes_nothing(
+    api, harness, method, target, body, unknown
+):
+    await api("PUT", "/keys", {"k": 1, "tmp1": 1})
+    response = await api(method, target, body)
+    assert response.code == 400 and error_code(response) == "bad_request"
+    assert repr(unknown) in json.loads(response.body)["error"]["message"]
+    assert len(harness.journal_lines()) == 1
+    assert json.loads((await api("GET", "/keys")).body) == {"k": 1, "tmp1": 1}
+
+
+@pytest.mark.gen_test
+async def test_reads_ignore_unknown_query_parameters(api):
+    """A cache-busting parameter changes nothing on a read (README: only writes refuse them)."""
+    await api("PUT", "/keys", {"k": 1})
+    assert json.loads((await api("GET", "/keys/k?_=1700000000")).body) == {"k": 1}
+    assert json.loads((await api("GET", "/keys?_=1700000000")).body) == {"k": 1}
+    assert (await api("HEAD", "/keys/k?_=1")).code == 200
+
+
+@pytest.mark.gen_test
+async def test_the_parameters_writes_take_still_work(api, harness):
+    assert (await api("PUT", "/keys/k?expire_in=60", 1)).code == 201
+    assert (await api("PUT", "/keys?expire_in=60", {"j": 1})).code == 200
+    assert [set(record.get("expires", ())) for record in harness.journal_lines()] == [
+        {"k"}, {"j"},
+    ]
+    response = await api("PATCH", "/keys/k?expire_in=5", {"x": 1})  # its own message, as before
+    assert response.code == 400 and "keeps the key's expiry" in json.loads(response.body)["error"]["message"]
+
+
+@pytest.mark.gen_test
 async def test_head_length_is_what_get_would_send(api):
     await api("PUT", "/keys", {"k": {"a": [1, 2, 3]}})
     get = await api("GET", "/keys/k")

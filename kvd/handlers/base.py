@@ -76,6 +76,9 @@ class BaseHandler(RequestHandler):
     scopes: dict[str, str] = {}
     """The scope each method needs (checked by an ``authenticate`` plugin); absent: open."""
 
+    write_parameters: dict[str, tuple[str, ...]] = {}
+    """The query parameters each write method takes; any other is a 400."""
+
     principal: str | None = None
     """Who is asking, when a plugin knows it; recorded as the actor of writes."""
 
@@ -147,6 +150,25 @@ class BaseHandler(RequestHandler):
             # Ignoring it would write, or answer with the present, as if it had been honoured.
             raise BadRequest(
                 "?at= reads a past state: only GET and HEAD of /keys and /keys/{id} take it"
+            )
+        self.refuse_unknown_parameters()
+
+    def refuse_unknown_parameters(self) -> None:
+        """On a write, a query parameter kvd does not know is a 400, never ignored.
+
+        Ignored, a misspelt ``?expires_in=60`` would store a key that never
+        expires, and ``DELETE /keys?filter=tmp*`` would delete every key. Reads
+        keep ignoring them (a cache-busting ``?_=...`` changes nothing there).
+        """
+        method = self.request.method or ""
+        if method in ("GET", "HEAD"):
+            return
+        takes = self.write_parameters.get(method, ())
+        unknown = sorted(name for name in self.request.query_arguments if name not in takes)
+        if unknown:
+            raise BadRequest(
+                f"unknown query parameter {unknown[0]!r}: {method} {self.endpoint} takes "
+                + (", ".join(takes) if takes else "none")
             )
 
     def send_json(self, body: bytes, status: int = 200) -> None:

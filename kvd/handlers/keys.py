@@ -182,6 +182,8 @@ class KeysBodyHandler(BaseHandler):
 
     scopes = {"GET": READ, "HEAD": READ, "PUT": WRITE, "PATCH": WRITE, "DELETE": WRITE}
     past_reads = True
+    # PATCH names expire_in so that it gets its own message: PATCH keeps the expiry.
+    write_parameters = {"PUT": ("expire_in",), "PATCH": ("expire_in",)}
 
     def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
         """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
