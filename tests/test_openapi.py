@@ -85,6 +85,17 @@ def test_document_describes_exactly_the_routes_and_methods_served(harness):
     assert documented == served, "kvd/openapi.json and the URL table disagree on routes or methods"
 
 
+def test_every_error_kvd_sends_is_documented_on_every_operation():
+    """A client validating errors against the document must not meet a code it lacks: each
+    status kvd has an error for is in the Error schema's enum and in every operation's
+    responses when any request can get it (a head too large: 431; a body too large: 413)."""
+    enum = DOCUMENT["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+    assert set(CODES_BY_STATUS.values()) <= set(enum)
+    for path, item in DOCUMENT["paths"].items():
+        for method in set(item) & set(HTTP_METHODS):
+            assert {"413", "431"} <= set(item[method]["responses"]), f"{method.upper()} {path}"
+
+
 def test_every_error_response_uses_the_error_schema_with_its_code():
     """Each 4xx/5xx with a body is the JSON error shape whose code is the one SPEC gives that status."""
     components = DOCUMENT["components"]["responses"]
