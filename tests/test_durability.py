@@ -31,7 +31,7 @@ import pytest
 from conftest import LISTENING, KvdProcess, Response, build_harness
 
 from kvd.log.format import GENESIS_HASH, encode_record, segment_name
-from kvd.log.reader import JournalReader
+from kvd.log.reader import JournalCorrupt, JournalReader
 
 HASH_FIELD = b',"hash":"'
 JSON = {"Content-Type": "application/json"}
@@ -391,6 +391,42 @@ def test_torn_record_followed_by_nul_padding_is_cut(tmp_path):
     data_dir = copy_with(tmp_path, "padded", content)
     assert open_in_process(data_dir) == ({"k1": "v"}, 1)
     assert journal_files(data_dir) == {segment_name(1): lines[0]}
+
+
+def two_records() -> list[bytes]:
+    lines, prev = [], GENESIS_HASH
+    for seq in (1, 2):
+        line, prev = encode_record(seq=seq, ts="2026-11-27T00:00:00.000000Z", op="put",
+                                   prev=prev, set_values={f"k{seq}": b'"value"'})
+        lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("tail", [
+    pytest.param(lambda last: last.replace(b'"value"', b'"VALUE"')[:-1], id="edited-whole-record-no-newline"),
+    pytest.param(lambda last: last.replace(b'"value"', b'"VALUE"')[:-1] + b"X", id="edited-record-stray-byte"),
+    pytest.param(lambda last: b"garbage", id="bytes-that-begin-no-record"),
+    pytest.param(lambda last: b'[{"v":1,"seq":2', id="a-fragment-that-is-no-record-prefix"),
+])
+def test_an_unterminated_tail_that_no_write_leaves_is_damage_not_cut(tmp_path, tail):
+    """A torn write leaves a prefix of a record. A whole record failing its checksum, or
+    bytes that begin no record, are damage to acknowledged data: start-up must stop
+    (the operator's repair quarantines them), not cut them with a warning."""
+    first, last = two_records()
+    content = first + tail(last)
+    data_dir = copy_with(tmp_path, "damaged", content)
+    with pytest.raises(JournalCorrupt) as refused:
+        open_in_process(data_dir)
+    assert refused.value.seq == 2 and refused.value.offset == len(first)
+    assert journal_files(data_dir) == {segment_name(1): content}  # nothing cut
+
+
+@pytest.mark.parametrize("cut", [1, 5, 40, -2, -1])
+def test_a_prefix_of_the_last_record_is_still_a_torn_tail(tmp_path, cut):
+    first, last = two_records()
+    data_dir = copy_with(tmp_path, f"torn{cut}", first + last[:cut])  # -1: all but the newline
+    assert open_in_process(data_dir) == ({"k1": "value"}, 1)
+    assert journal_files(data_dir) == {segment_name(1): first}
 
 
 # --- 3. damage before the end ----------------------------------------------------

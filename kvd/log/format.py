@@ -134,6 +134,13 @@ def encode_record(
     return hashed + _HASH_PREFIX + digest.encode() + b'"}\n', digest
 
 
+def has_hash_trailer(line: bytes) -> bool:
+    """Whether ``line`` (newline included) ends as every whole record does, in its
+    ``hash`` field: the shape of a complete record, whatever its checksum."""
+    cut = len(line) - _HASH_TRAILER_LEN
+    return cut > 0 and line.endswith(b'"}\n') and line[cut : cut + len(_HASH_PREFIX)] == _HASH_PREFIX
+
+
 def decode_record(line: bytes) -> Record:
     """Parse and check one complete line (``\\n`` included); raises RecordError.
 
@@ -143,9 +150,9 @@ def decode_record(line: bytes) -> Record:
     """
     if len(line) <= _HASH_TRAILER_LEN or not line.endswith(b'"}\n'):
         raise RecordError("not a complete record")
-    cut = len(line) - _HASH_TRAILER_LEN
-    if line[cut : cut + len(_HASH_PREFIX)] != _HASH_PREFIX:
+    if not has_hash_trailer(line):
         raise RecordError("hash field missing or not last")
+    cut = len(line) - _HASH_TRAILER_LEN
     stored_hash = line[cut + len(_HASH_PREFIX) : -3].decode("ascii", "replace")
     if hashlib.sha256(line[:cut]).hexdigest() != stored_hash:
         raise RecordError("checksum mismatch")

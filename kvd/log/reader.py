@@ -15,12 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from kvd.log.format import GENESIS_HASH, SEGMENT_SUFFIX, Record, RecordError, decode_record
+from kvd.log.format import (
+    GENESIS_HASH,
+    SEGMENT_SUFFIX,
+    Record,
+    RecordError,
+    decode_record,
+    has_hash_trailer,
+)
 from kvd.log.lines import line_blocks, line_start
 from kvd.log.scan_ahead import ScanAhead, plan_chunks
 from kvd.log.simple_puts import Run, SimplePuts, check_run, split_block
 
 _BLOCK_BYTES = 1024 * 1024  # read at a time; lines are split out of each block
+_RECORD_START = b'{"v":'  # how every record begins (format.encode_record)
 
 
 class JournalCorrupt(Exception):
@@ -236,19 +244,30 @@ class JournalReader:
 def _is_torn(rest: bytes) -> bool:
     """Whether the bytes after the last good record are what a crash mid-write leaves.
 
-    A torn write leaves a prefix of a record (no newline) or NUL padding. A
-    complete record whose newline is another byte is not a prefix of what
-    was written: that is a damaged, acknowledged record, not a torn one.
+    A torn write leaves a prefix of a record (no newline), possibly followed
+    by NUL padding, or the padding alone. Anything else is damage to
+    acknowledged data, not a torn write: bytes that do not begin a record, a
+    whole record that fails its checksum with only its newline missing, or a
+    whole record followed by one byte other than the newline.
     """
     if _is_padding(rest):
         return True
-    if b"\n" in rest:
+    fragment = rest.rstrip(b"\x00")
+    if b"\n" in rest or not (
+        fragment.startswith(_RECORD_START) or _RECORD_START.startswith(fragment)
+    ):
         return False
+    if has_hash_trailer(rest + b"\n"):  # whole but for the newline: the write stopped one byte short
+        return _decodes(rest + b"\n")
+    return not has_hash_trailer(rest[:-1] + b"\n")
+
+
+def _decodes(line: bytes) -> bool:
     try:
-        decode_record(rest[:-1] + b"\n")
+        decode_record(line)
     except RecordError:
-        return True
-    return False
+        return False
+    return True
 
 
 def _is_padding(data: bytes) -> bool:
