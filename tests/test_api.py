@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from urllib.parse import quote
 
 import pytest
@@ -309,6 +311,28 @@ async def test_the_parameters_writes_take_still_work(api, harness):
     ]
     response = await api("PATCH", "/keys/k?expire_in=5", {"x": 1})  # its own message, as before
     assert response.code == 400 and "keeps the key's expiry" in json.loads(response.body)["error"]["message"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_hanging_up_on_a_streamed_listing_logs_no_error(api, base_url, caplog):
+    """``curl /keys | head`` is ordinary: the listing stops quietly, nothing is logged as an
+    error (the log would also carry the raw URI, filter and all), and the server serves on."""
+    value = "v" * 1000
+    for start in range(0, 6000, 1000):
+        await api("PUT", "/keys", {f"k{n:05d}": value for n in range(start, start + 1000)})
+    host, port = base_url.removeprefix("http://").split(":")
+    caplog.clear()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /keys?filter=k* HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readexactly(1000)).startswith(b"HTTP/1.1 200")
+    writer.transport.abort()  # gone with most of 6 MB unsent
+    for _ in range(20):  # the handler meets the closed stream at its next flush
+        await asyncio.sleep(0.05)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        if errors:
+            break
+    assert errors == []
+    assert json.loads((await api("GET", "/keys?limit=1")).body) == {"k00000": value}
 
 
 @pytest.mark.gen_test

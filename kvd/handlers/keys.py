@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import orjson
+from tornado.iostream import StreamClosedError
 
 from kvd import HIDDEN, jsonio
 from kvd.errors import (
@@ -326,7 +327,10 @@ class KeysHandler(KeysBodyHandler):
             self.write((b"," if opened else b"{") + members)
             opened = True
             if len(batch) >= LISTING_BATCH:
-                await self.flush()  # stream: never build the whole listing in memory
+                try:
+                    await self.flush()  # stream: never build the whole listing in memory
+                except StreamClosedError:
+                    return  # the client hung up (``| head``, a timeout): nothing to log, no one to tell
         self.finish(b"}" if opened else b"{}")
 
     def _page(
