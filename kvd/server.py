@@ -49,10 +49,18 @@ async def serve(config: Config, plugins: pluggy.PluginManager | None = None) -> 
     except DataDirLocked as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
+    except OSError as exc:  # not writable by this user (a root-owned bind mount), or not a directory
+        log.error("cannot use data directory %s: %s", config.data_dir, _os_error(exc))
+        return EXIT_FAILURE
     try:
         return await _serve_locked(config, plugins)
     finally:
         lock.release()
+
+
+def _os_error(exc: OSError) -> str:
+    """``Permission denied: '/data/LOCK'``: what failed and on which file, without a traceback."""
+    return f"{exc.strerror or exc}: {exc.filename!r}" if exc.filename else str(exc.strerror or exc)
 
 
 def build_context(config: Config, plugins: pluggy.PluginManager | None = None) -> AppContext:
@@ -184,6 +192,11 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         log.error("%s; start-up stopped (see docs/nats.md)", exc)
         stop_listening(server, wire)
         await journal.close()
+        return EXIT_FAILURE
+    except OSError as exc:  # a journal file this user cannot read or write
+        log.error("cannot open the journal in %s: %s", config.data_dir, _os_error(exc))
+        stop_listening(server, wire)
+        journal.close_sync()
         return EXIT_FAILURE
     finally:
         stop_waiter.cancel()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 
 from kvd.config import ConfigError, load_config
+from kvd.log.format import GENESIS_HASH, encode_record
 
 
 def test_defaults_match_the_spec(tmp_path, monkeypatch):
@@ -164,6 +169,50 @@ def test_cli_port_in_use_exits_1_with_a_message(tmp_path):
         result = run_kvd("serve", "--port", str(port), "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("data_dir", ["a-file", "a-file/sub"])
+def test_cli_data_dir_that_cannot_be_used_exits_1_with_a_message(tmp_path, data_dir):
+    (tmp_path / "a-file").write_text("not a directory")
+    result = run_kvd("serve", "--port", "0", "--data-dir", str(tmp_path / data_dir), cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot use data directory {tmp_path / data_dir}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run kvd as another user")
+@pytest.mark.parametrize("owned_by_root", ["directory", "segment"])
+def test_cli_data_the_user_cannot_write_exits_1_naming_the_file(owned_by_root):
+    """The Docker image runs as an unprivileged user; a root-owned bind mount (or a segment
+    left by a run as root) must say which file, not print a traceback."""
+    with tempfile.TemporaryDirectory() as outside:  # pytest's tmp_path is closed to other users
+        check_data_the_user_cannot_write(Path(outside), owned_by_root)
+
+
+def check_data_the_user_cannot_write(tmp_path: Path, owned_by_root: str) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    segment = data_dir / "00000000000000000001.jsonl"
+    line, _ = encode_record(seq=1, ts="2026-11-27T00:00:00.000000Z", op="put", prev=GENESIS_HASH,
+                            set_values={"k": b"1"})
+    segment.write_bytes(line)
+    tmp_path.chmod(0o755)
+    if owned_by_root == "segment":
+        os.chown(data_dir, NOBODY, NOBODY)
+    result = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-m", "kvd", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=60, cwd=data_dir, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1, result.stderr
+    blamed = data_dir / "LOCK" if owned_by_root == "directory" else segment
+    assert f"Permission denied: '{blamed}'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert segment.read_bytes() == line
 
 
 def test_cli_plugin_that_fails_to_import_exits_2(tmp_path):
