@@ -266,7 +266,8 @@ def test_dockerignore_keeps_tests_and_drops_local_state():
     patterns = dockerignore_patterns()
     for kept in ("tests/test_docker.py", "requirements-test.txt", "Dockerfile", "kvd/__init__.py"):
         assert not is_ignored(kept, patterns), kept
-    for dropped in (".git/HEAD", ".venv/bin/python", "data/x", "kvd/__pycache__/a.pyc"):
+    for dropped in (".git/HEAD", ".venv/bin/python", ".venv-bench/bin/python", "data/x",
+                    "data/node1/LOCK", "kvd/__pycache__/a.pyc"):
         assert is_ignored(dropped, patterns), dropped
 
 
@@ -275,7 +276,8 @@ def test_compose_has_application_on_8000_and_test(compose):
     application, test = services["application"], services["test"]
 
     assert application["build"]["target"] == RUNTIME_STAGE
-    assert f"{IMAGE_PORT}:{IMAGE_PORT}" in [str(p) for p in application["ports"]]
+    # Published on the host's loopback only: auth is off by default.
+    assert f"127.0.0.1:{IMAGE_PORT}:{IMAGE_PORT}" in [str(p) for p in application["ports"]]
     volume_names = [v.split(":")[0] for v in application["volumes"] if v.split(":")[1] == "/data"]
     assert volume_names, "application has no volume at /data"
     # A named volume (declared at top level), not a bind mount of the host.
@@ -285,6 +287,17 @@ def test_compose_has_application_on_8000_and_test(compose):
 
     assert test["build"]["target"] == TEST_STAGE
     assert "pytest" in " ".join(test.get("command") or [])
+
+
+def test_compose_waits_longer_than_kvd_drains_before_killing_it(compose):
+    """Docker's SIGKILL must not cut kvd's drain short: ``docker compose stop`` should end in exit 0."""
+    from kvd.config import ServerConfig
+
+    application = compose["services"]["application"]
+    assert application["stop_signal"] == "SIGTERM"
+    grace = re.fullmatch(r"(\d+)s", application["stop_grace_period"])
+    assert grace, application["stop_grace_period"]
+    assert int(grace.group(1)) >= ServerConfig().drain_seconds + 5  # the flush and exit after it
 
 
 # --- the slow replay ------------------------------------------------------------
