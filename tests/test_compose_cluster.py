@@ -252,7 +252,7 @@ def test_nats_image_supports_the_config(services) -> None:
 
 def test_load_balancer(services) -> None:
     lb = services["lb"]
-    assert f"{KVD_PORT}:{KVD_PORT}" in [str(p) for p in lb["ports"]]
+    assert f"127.0.0.1:{KVD_PORT}:{KVD_PORT}" in [str(p) for p in lb["ports"]]  # auth is off by default
     assert ("./config/cluster/haproxy.cfg", "/usr/local/etc/haproxy/haproxy.cfg") in _mounts(lb)
     assert set(lb["depends_on"]) == set(_kvd_services(services))
 
