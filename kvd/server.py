@@ -58,6 +58,18 @@ async def serve(config: Config, plugins: pluggy.PluginManager | None = None) -> 
         lock.release()
 
 
+def _log_plugins(config: Config) -> None:
+    """Say which plugins run, and warn of settings that do nothing: tokens configured for an
+    auth plugin left out of ``enabled`` would otherwise leave the server open without a sign."""
+    enabled = config.plugins.enabled
+    log.info("plugins: %s", ", ".join(enabled) if enabled else "none")
+    for name in sorted(set(config.plugins.settings) - set(enabled)):
+        log.warning(
+            "[plugins.%s] settings are ignored: %r is not in plugins.enabled%s", name, name,
+            " (requests are served without tokens)" if name == "auth" else "",
+        )
+
+
 def _os_error(exc: OSError) -> str:
     """``Permission denied: '/data/LOCK'``: what failed and on which file, without a traceback."""
     return f"{exc.strerror or exc}: {exc.filename!r}" if exc.filename else str(exc.strerror or exc)
@@ -161,6 +173,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     log.info("listening on %s://%s:%d (data in %s)", scheme, _url_host(host), port, config.data_dir)
     if wire is None:
         log.info("tornado serves every request (server.fast_wire is off, or HTTPS)")
+    _log_plugins(config)
 
     started = time.monotonic()
     # Replay builds millions of long-lived objects and frees almost none: the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -213,6 +214,27 @@ def check_data_the_user_cannot_write(tmp_path: Path, owned_by_root: str) -> None
     assert f"Permission denied: '{blamed}'" in result.stderr
     assert "Traceback" not in result.stderr
     assert segment.read_bytes() == line
+
+
+def test_start_up_names_the_plugins_and_warns_of_settings_for_one_not_enabled(kvd_process, tmp_path):
+    """Tokens written for an auth plugin left out of ``enabled`` protect nothing: say so."""
+    config = tmp_path / "forgot.toml"
+    config.write_text(
+        '[plugins]\nenabled = ["expiry", "metrics"]\n'
+        '[plugins.auth]\ntokens = [{ name = "ci", sha256 = "' + "0" * 64 + '", scopes = ["read"] }]\n'
+    )
+    server = kvd_process(args=["--config", str(config)])
+    assert "plugins: expiry, metrics" in server.log()
+    assert re.search(r"WARNING .*\[plugins\.auth\] settings are ignored: 'auth' is not in "
+                     r"plugins\.enabled \(requests are served without tokens\)", server.log())
+    assert server.request("PUT", "/keys/open", 1).status == 201  # what the warning is about
+
+
+def test_start_up_warns_of_nothing_when_every_configured_plugin_is_enabled(kvd_process, tmp_path):
+    config = tmp_path / "kvd.toml"
+    config.write_text('[plugins]\nenabled = ["expiry"]\n[plugins.expiry]\nsweep_interval = 0.5\n')
+    server = kvd_process(args=["--config", str(config)])
+    assert "plugins: expiry" in server.log() and "WARNING" not in server.log()
 
 
 def test_cli_plugin_that_fails_to_import_exits_2(tmp_path):
