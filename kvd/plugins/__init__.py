@@ -81,7 +81,10 @@ def instantiate(target: Any, name: str, settings: dict[str, Any]) -> Any:
     try:
         return factory(dict(settings))
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"plugins.{name}: {exc}") from None
+        message = str(exc)
+        if not message.startswith(f"plugins.{name}."):  # else it names the setting already
+            message = f"plugins.{name}: {message}"
+        raise ConfigError(message) from None
 
 
 def make_plugin_manager(config: Config) -> pluggy.PluginManager:
