@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from kvd import __version__
 from kvd.audit.verify import ExpectedHead
-from kvd.config import FSYNC_POLICIES, Config, ConfigError, load_config
+from kvd.config import FSYNC_POLICIES, Config, ConfigError, load_config, name_the_variable
 from kvd.log.format import OPS, parse_ts
 from kvd.model import KeyFilter
 
@@ -262,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return torture.main(args)
         return _list_plugins(config)
     except ConfigError as exc:
-        print(f"kvd: error: {exc}", file=sys.stderr)
+        print(f"kvd: error: {name_the_variable(str(exc), os.environ)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -27,6 +27,19 @@ class ConfigError(ValueError):
     """A setting is unknown or invalid; the message names it."""
 
 
+_DOTTED_SETTING = re.compile(r"\b(?:server|journal|plugins)(?:\.[a-z0-9_]+)+")
+
+
+def name_the_variable(message: str, environ: Mapping[str, str]) -> str:
+    """``message`` plus the environment variable that set the setting it names, if one did:
+    an operator otherwise looks for a bad value in the file, where it is not."""
+    for dotted in _DOTTED_SETTING.findall(message):
+        variable = ENV_PREFIX + dotted.upper().replace(".", "_")
+        if variable in environ:
+            return f"{message} (set by the environment variable {variable})"
+    return message
+
+
 class _EnvText(str):
     """A value from the environment: text that may stand for a number, bool or list."""
 

@@ -237,6 +237,26 @@ def test_start_up_warns_of_nothing_when_every_configured_plugin_is_enabled(kvd_p
     assert "plugins: expiry" in server.log() and "WARNING" not in server.log()
 
 
+@pytest.mark.parametrize("variables, said", [
+    ({"KVD_JOURNAL_FSYNC": "maybe"}, "journal.fsync must be one of"),
+    ({"KVD_SERVER_PORT": "abc"}, "setting 'server.port' must be int"),
+    ({"KVD_PLUGINS_ENABLED": "auth", "KVD_PLUGINS_AUTH_TOKENS": "[]"}, "plugins.auth.tokens must be"),
+])
+def test_cli_a_bad_value_from_the_environment_names_its_variable(tmp_path, variables, said):
+    """The operator would otherwise look for the bad value in the config file."""
+    result = run_kvd("serve", "--data-dir", str(tmp_path / "d"), cwd=tmp_path, env=variables)
+    assert result.returncode == 2
+    variable = list(variables)[-1]
+    assert said in result.stderr and f"(set by the environment variable {variable})" in result.stderr
+
+
+def test_cli_a_bad_value_from_the_file_names_no_variable(tmp_path):
+    (tmp_path / "kvd.toml").write_text('[journal]\nfsync = "maybe"\n')
+    result = run_kvd("serve", "--config", "kvd.toml", cwd=tmp_path, env={"KVD_SERVER_PORT": "0"})
+    assert result.returncode == 2
+    assert "journal.fsync must be one of" in result.stderr and "environment" not in result.stderr
+
+
 def test_cli_plugin_that_fails_to_import_exits_2(tmp_path):
     (tmp_path / "broken_plugin.py").write_text("def oops(:\n")
     result = run_kvd("plugins", cwd=tmp_path, env={"KVD_PLUGINS_ENABLED": "broken_plugin",
