@@ -156,12 +156,20 @@ class PrefixedIOStream(IOStream):
     def __init__(self, sock: socket.socket, prefix: bytes, **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
         self._prefix = memoryview(prefix)
+        # The whole prefix in one read: tornado stops reading a head at max_header_size
+        # and, when exactly that much came without its end, waits for the socket, which
+        # holds nothing more when the rest is still in the prefix (a 64-128 KiB head
+        # went unanswered). One read lets it judge the head whole, as for any client.
+        self._chunk_size = self.read_chunk_size
+        self.read_chunk_size = max(self.read_chunk_size, len(prefix))
 
     def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
         if self._prefix:
             count = min(len(buf), len(self._prefix))
             buf[:count] = self._prefix[:count]
             self._prefix = self._prefix[count:]
+            if not self._prefix:
+                self.read_chunk_size = self._chunk_size
             return count
         return super().read_from_fd(buf)
 
