@@ -195,6 +195,29 @@ async def test_what_the_wire_does_not_take_is_answered_by_tornado(
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("after_a_plain_put", [False, True], ids=["first", "handed-over"])
+async def test_heads_with_bare_lf_line_ends_are_answered_by_tornado(
+    http_server, base_url, harness, after_a_plain_put
+):
+    """Tornado takes lines ended by a bare LF; the wire waited for a CRLF CRLF that never came."""
+    conn = await Connection.open(base_url)
+    if after_a_plain_put:
+        await conn.send(put("a", 1))
+        assert (await conn.response())[0] == 201
+    await conn.send(b"GET /keys/a HTTP/1.1\nHost: t\n\n"
+                    b"GET /keys/b HTTP/1.1\r\nHost: t\r\nConnection: close\n\n")
+    (status, _, body), (missing, headers, error) = [await conn.response() for _ in range(2)]
+    if after_a_plain_put:
+        assert (status, body) == (200, b'{"a":1}')
+    else:
+        assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    assert missing == 404 and json.loads(error)["error"]["code"] == "not_found"
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert await conn.closed_by_server()
+    conn.close()
+
+
+@pytest.mark.gen_test
 async def test_a_body_that_arrives_in_pieces_is_stored_whole(http_server, base_url, harness):
     raw = put("slow", {"text": "x" * 5000})
     conn = await Connection.open(base_url)
@@ -269,6 +292,8 @@ def test_parse_hot_request_takes_only_whole_plain_requests():
     assert isinstance(parsed, HotRequest)
     assert (parsed.method, parsed.path, parsed.body, parsed.size) == (b"PUT", b"k", b"1", len(whole))
     assert parse_hot_request(bytearray(b"GET /keys/k HTTP/1.1\r\nHost"), limit) is None  # head unfinished
+    for bare_lf_end in (b"\n\n", b"\r\n\n", b"\n\r\n"):  # tornado's head ends too
+        assert parse_hot_request(bytearray(b"GET /keys/k HTTP/1.1\nHost: t" + bare_lf_end), limit) is False
     assert parse_hot_request(whole[:-1], limit) is False  # body unfinished: tornado reads it
     for other in (
         get("/keys/"), get("/keys"), get("/healthz"), get("/keys/k?x=1"),

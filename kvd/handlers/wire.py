@@ -84,7 +84,9 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
     more bytes are needed to tell; ``False`` when tornado must take it."""
     end = buffer.find(HEAD_END)
     if end < 0:
-        return None
+        # Tornado also ends a head at a bare LF's empty line (its \r?\n\r?\n), which
+        # never holds HEAD_END: waiting for one would leave that request unanswered.
+        return False if b"\n\n" in buffer or b"\n\r\n" in buffer else None
     head = bytes(buffer[:end])
     if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
         return False  # a bare CR or LF: let the full parser decide
