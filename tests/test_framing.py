@@ -39,6 +39,10 @@ OVERSIZED_HEADS = {
     **{f"{size // 1000} KB request line": b"GET /keys/" + b"a" * size + b" HTTP/1.1\r\nHost: t\r\n\r\n"
        for size in (66_000, 70_000, 100_000)},
     "70 KB unfinished head": b"GET /keys/c HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 70_000,
+    # whole, in one write: a plain request but for its size
+    **{f"{size // 1000} KB header": b"GET /keys/c HTTP/1.1\r\nHost: t\r\nX: " + b"a" * size + b"\r\n\r\n"
+       for size in (66_000, 100_000)},
+    "PUT with a 70 KB header": put("c", 1, "X: " + "a" * 70_000 + "\r\n"),
 }
 
 
@@ -78,6 +82,7 @@ async def test_an_oversized_head_gets_a_json_431(http_server, base_url, harness,
         assert (await conn.response())[0] == 201
     await conn.send(raw)
     check_refused(*await conn.response(), expected=431)
+    assert harness.store.get("c") is None
     conn.close()
 
 

@@ -288,13 +288,14 @@ async def test_a_half_sent_head_counts_against_idle_timeout(served, tmp_path):
 def test_parse_hot_request_takes_only_whole_plain_requests():
     limit = 1 << 20
     whole = bytearray(put("k", 1))
-    parsed = parse_hot_request(whole, limit)
+    parsed = parse_hot_request(whole, limit, limit)
     assert isinstance(parsed, HotRequest)
     assert (parsed.method, parsed.path, parsed.body, parsed.size) == (b"PUT", b"k", b"1", len(whole))
-    assert parse_hot_request(bytearray(b"GET /keys/k HTTP/1.1\r\nHost"), limit) is None  # head unfinished
+    assert parse_hot_request(bytearray(b"GET /keys/k HTTP/1.1\r\nHost"), limit, limit) is None  # head unfinished
     for bare_lf_end in (b"\n\n", b"\r\n\n", b"\n\r\n"):  # tornado's head ends too
-        assert parse_hot_request(bytearray(b"GET /keys/k HTTP/1.1\nHost: t" + bare_lf_end), limit) is False
-    assert parse_hot_request(whole[:-1], limit) is False  # body unfinished: tornado reads it
+        head = bytearray(b"GET /keys/k HTTP/1.1\nHost: t" + bare_lf_end)
+        assert parse_hot_request(head, limit, limit) is False
+    assert parse_hot_request(whole[:-1], limit, limit) is False  # body unfinished: tornado reads it
     for other in (
         get("/keys/"), get("/keys"), get("/healthz"), get("/keys/k?x=1"),
         b"HEAD /keys/k HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", b"GET /keys/k HTTP/1.0\r\n\r\n",
@@ -303,11 +304,14 @@ def test_parse_hot_request_takes_only_whole_plain_requests():
         put("k", 1).replace(b"Content-Length: 1", b"Content-Length: +1"),
         delete("k", "Content-Length: 2\r\n") + b"{}", b"DELETE /keys HTTP/1.1\r\n\r\n",
     ):
-        assert parse_hot_request(bytearray(other), limit) is False, other
-    assert parse_hot_request(bytearray(put("k", 1)), 0) is False  # over the body limit
-    parsed = parse_hot_request(bytearray(b"HEAD /keys/k HTTP/1.1\r\nHost: t\r\n\r\n"), limit)
+        assert parse_hot_request(bytearray(other), limit, limit) is False, other
+    assert parse_hot_request(bytearray(put("k", 1)), 0, limit) is False  # over the body limit
+    head = get("/keys/k")
+    assert parse_hot_request(bytearray(head), limit, len(head))  # a head of max_head bytes, its end too
+    assert parse_hot_request(bytearray(head), limit, len(head) - 1) is False  # tornado's 431
+    parsed = parse_hot_request(bytearray(b"HEAD /keys/k HTTP/1.1\r\nHost: t\r\n\r\n"), limit, limit)
     assert isinstance(parsed, HotRequest) and parsed.method == b"HEAD"
-    parsed = parse_hot_request(bytearray(delete("k%20l")), limit)
+    parsed = parse_hot_request(bytearray(delete("k%20l")), limit, limit)
     assert isinstance(parsed, HotRequest) and (parsed.method, parsed.path, parsed.body) == (b"DELETE", b"k%20l", b"")
 
 
@@ -323,14 +327,15 @@ def test_kvd_serve_answers_the_same_with_the_wire_on_or_off(kvd_process, tmp_pat
 
 def test_a_connection_is_judged_by_its_first_request():
     limit = 1 << 20
-    assert starts_hot(put("k", 1), limit) and starts_hot(get("/keys/k"), limit)
-    assert starts_hot(b"GET /ke", limit) and starts_hot(b"PUT /keys/k HTTP/1.1\r\nHost", limit)
-    assert not starts_hot(get("/keys?filter=k*"), limit)
-    assert not starts_hot(b"GET /keys/k?consistent=1 HTT", limit)
-    assert not starts_hot(put("k", 1, 'If-Match: "1"\r\n'), limit)
-    assert not starts_hot(get("/metrics"), limit) and not starts_hot(b"DELETE /keys HTTP/1.1\r\n", limit)
-    assert starts_hot(b"DELETE /keys/k HTTP/1.1\r\nHost: t\r\n\r\n", limit)
-    assert not starts_hot(b'DELETE /keys/k HTTP/1.1\r\nIf-Match: "1"\r\n\r\n', limit)
+    assert starts_hot(put("k", 1), limit, limit) and starts_hot(get("/keys/k"), limit, limit)
+    assert starts_hot(b"GET /ke", limit, limit) and starts_hot(b"PUT /keys/k HTTP/1.1\r\nHost", limit, limit)
+    assert not starts_hot(get("/keys?filter=k*"), limit, limit)
+    assert not starts_hot(b"GET /keys/k?consistent=1 HTT", limit, limit)
+    assert not starts_hot(put("k", 1, 'If-Match: "1"\r\n'), limit, limit)
+    assert not starts_hot(get("/metrics"), limit, limit)
+    assert not starts_hot(b"DELETE /keys HTTP/1.1\r\n", limit, limit)
+    assert starts_hot(b"DELETE /keys/k HTTP/1.1\r\nHost: t\r\n\r\n", limit, limit)
+    assert not starts_hot(b'DELETE /keys/k HTTP/1.1\r\nIf-Match: "1"\r\n\r\n', limit, limit)
 
 
 @pytest.mark.slow

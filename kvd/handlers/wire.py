@@ -79,7 +79,9 @@ class HotRequest:
     close: bool
 
 
-def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | Literal[False]:
+def parse_hot_request(
+    buffer: bytearray, max_body: int, max_head: int
+) -> HotRequest | None | Literal[False]:
     """The next request in ``buffer`` if it is a whole, plain hot request; ``None`` when
     more bytes are needed to tell; ``False`` when tornado must take it."""
     end = buffer.find(HEAD_END)
@@ -87,6 +89,8 @@ def parse_hot_request(buffer: bytearray, max_body: int) -> HotRequest | None | L
         # Tornado also ends a head at a bare LF's empty line (its \r?\n\r?\n), which
         # never holds HEAD_END: waiting for one would leave that request unanswered.
         return False if b"\n\n" in buffer or b"\n\r\n" in buffer else None
+    if end + len(HEAD_END) > max_head:
+        return False  # tornado answers the 431 (a head that came whole in one read, too)
     head = bytes(buffer[:end])
     if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
         return False  # a bare CR or LF: let the full parser decide
@@ -138,10 +142,10 @@ def is_plain_write(request: HotRequest) -> bool:
     return is_json_write(headers.get(b"content-type", b"").decode("latin-1"), conditional)
 
 
-def starts_hot(first: bytes, max_body: int) -> bool:
+def starts_hot(first: bytes, max_body: int, max_head: int) -> bool:
     """Whether a connection's first bytes begin a request the wire answers (as far as
     they tell: an unfinished head is judged by its request line)."""
-    parsed = parse_hot_request(bytearray(first), max_body)
+    parsed = parse_hot_request(bytearray(first), max_body, max_head)
     if isinstance(parsed, HotRequest):
         return parsed.method in READS or is_plain_write(parsed)
     if parsed is False:
@@ -213,7 +217,7 @@ class WireConnection(asyncio.Protocol):
             if not application.fast_paths:
                 self.hand_over()
                 return
-            parsed = parse_hot_request(self.buffer, limits.max_body_bytes)
+            parsed = parse_hot_request(self.buffer, limits.max_body_bytes, limits.max_header_bytes)
             if parsed is None:
                 if len(self.buffer) > limits.max_header_bytes:
                     self.hand_over()  # tornado refuses the oversized head
@@ -400,7 +404,8 @@ class Wire:
         if not first:
             conn.close()  # gone before a byte
             return
-        if starts_hot(first, self.application.ctx.config.server.max_body_bytes):
+        limits = self.application.ctx.config.server
+        if starts_hot(first, limits.max_body_bytes, limits.max_header_bytes):
             task = loop.create_task(loop.connect_accepted_socket(lambda: WireConnection(self), conn))
             self._starting.add(task)
             task.add_done_callback(self._started)
