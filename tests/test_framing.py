@@ -30,6 +30,9 @@ MALFORMED = {
     "garbage request line": b"GARBAGE\r\n\r\n",
     "request line without version": b"GET /keys/c\r\n\r\n",
     "HTTP/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "HTTP/1.1 read without Host": b"GET /keys/c HTTP/1.1\r\n\r\n",
+    "HTTP/1.1 write without Host": HEAD.replace(b"Host: t\r\n", b"") + b"Content-Length: 1\r\n\r\n1",
+    "two Hosts": b"GET /keys/c HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n",
 }
 OVERSIZED_HEAD = b"GET /keys/c HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
 # Heads between one and two of tornado's 64 KiB reads: the wire hands them over whole,

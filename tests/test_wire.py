@@ -303,6 +303,7 @@ def test_parse_hot_request_takes_only_whole_plain_requests():
         get("/keys/k", "Content-Length: 3\r\n") + b"abc", put("k", 1, "Expect: 100-continue\r\n"),
         put("k", 1).replace(b"Content-Length: 1", b"Content-Length: +1"),
         delete("k", "Content-Length: 2\r\n") + b"{}", b"DELETE /keys HTTP/1.1\r\n\r\n",
+        b"GET /keys/k HTTP/1.1\r\n\r\n", get("/keys/k", "Host: u\r\n"),  # no Host, two: tornado's 400
     ):
         assert parse_hot_request(bytearray(other), limit, limit) is False, other
     assert parse_hot_request(bytearray(put("k", 1)), 0, limit) is False  # over the body limit

@@ -8,7 +8,7 @@ fraction of that (a bare protocol did about 13x tornado's PUTs per second on
 this machine; see docs/benchmarks.md for kvd's own figures).
 
 What a connection answers itself: GET, HEAD, PUT and DELETE of ``/keys/{id}``
-that arrive whole and in the plainest form (HTTP/1.1, no query, a
+that arrive whole and in the plainest form (HTTP/1.1 with one Host, no query, a
 Content-Length body on PUT with a JSON content type, no body otherwise, no
 conditions on a write, at most If-None-Match on a read), and only their success
 answers, a 404 and a write's journal error, built by the same functions
@@ -59,11 +59,12 @@ READS, WRITES = (b"GET", b"HEAD"), (b"PUT", b"DELETE")
 HOT_STARTS = tuple(method + b" " + PREFIX for method in READS + WRITES)
 PEEK_BYTES = 4096  # what a connection's first request is judged by
 HOLD_WHILE_ANSWERING = 1 << 20  # stop reading a pipelining client with this much unanswered
-# Headers that change how a hot request is framed or answered; a second copy of
-# any of them sends the request to tornado, which judges it.
+# Headers that change how a hot request is framed or answered, and Host, which tornado
+# requires on HTTP/1.1; a second copy of any of them sends the request to tornado,
+# which judges it.
 _WATCHED = frozenset(
     (b"content-length", b"transfer-encoding", b"content-type", b"if-match", b"if-none-match",
-     b"expect", b"connection")
+     b"expect", b"connection", b"host")
 )
 
 
@@ -112,7 +113,7 @@ def parse_hot_request(
             if name in headers:
                 return False
             headers[name] = value.strip(b" \t")
-    if b"transfer-encoding" in headers or b"expect" in headers:
+    if b"transfer-encoding" in headers or b"expect" in headers or b"host" not in headers:
         return False
     connection = headers.get(b"connection", b"keep-alive").lower()
     if connection not in (b"keep-alive", b"close"):
