@@ -42,7 +42,7 @@ from kvd.log.format import (
 )
 from kvd.log.history import ARCHIVE_DIR, History, Layout
 from kvd.log.journal import Journal, JournalStats, JournalUnavailable
-from kvd.log.reader import JournalReader, segment_first_seq, segments_from
+from kvd.log.reader import JournalReader, segment_first_seq
 from kvd.log.simple_puts import SimplePuts
 from kvd.log.snapshot import (
     TEMP_SUFFIX,
@@ -192,7 +192,11 @@ class FileJournal(Journal):
             start_seq, start_hash = header.seq + 1, header.head
             self._snapshot_seq = header.seq
             self._durable_ts = header.ts
-        segments = segments_from(layout.segments, start_seq)
+        # Every live segment, also those the snapshot wholly covers (a compaction
+        # stopped before retiring them, or kept them for a reader): the reader
+        # checks their records up to the snapshot's head without replaying them,
+        # so damage in them stops start-up instead of being retired unseen.
+        segments = layout.segments
         reader = JournalReader(segments=segments, start_seq=start_seq, start_hash=start_hash)
         total = sum(path.stat().st_size for path in segments)
         next_report = PROGRESS_EVERY_BYTES
