@@ -774,6 +774,54 @@ def test_repair_leaves_damaged_archived_history_alone(archived, tmp_path, kvd_jo
     assert reopen_state(data_dir)[0] == archived[1].last  # the store opens all the same
 
 
+def crashed_before_retiring(data_dir: Path) -> tuple[int, list[Path]]:
+    """A copy of ``archived`` as a crash between the newest snapshot's rename and its
+    retirement leaves it: the segments it covers and the older snapshot still live.
+    Returns the newest snapshot's seq and the segments it covers."""
+    layout = Layout.scan(data_dir)
+    (older,) = layout.archived_snapshots
+    older.rename(data_dir / older.name)
+    covered = [
+        path.rename(data_dir / path.name) for path in layout.archived_segments
+        if segment_first_seq(path) > snapshot_seq(older)
+    ]
+    assert len(covered) >= 2
+    return snapshot_seq(layout.snapshots[-1]), covered
+
+
+@pytest.mark.parametrize("where", ["inside", "at-the-end"])
+def test_repair_moves_damaged_segments_the_snapshot_covers_and_nothing_after_it(
+    archived, tmp_path, kvd_journal, where
+):
+    """Start-up checks them before retiring them; repair moves them all whole into
+    quarantine (the snapshot holds their effect), so every record after it stays."""
+    from kvd.log.reader import JournalCorrupt
+
+    data_dir = copy_of(archived[0], tmp_path)
+    session = archived[1]
+    seq, covered = crashed_before_retiring(data_dir)
+    damaged = covered[0] if where == "inside" else covered[-1]
+    lines = segment_lines(damaged)
+    del lines[1 if where == "inside" else -1]
+    damaged.write_bytes(b"".join(lines))
+    kept = {path.name: path.read_bytes() for path in covered}
+    later = {path.name: path.read_bytes() for path in Layout.scan(data_dir).segments if path not in covered}
+    with pytest.raises(JournalCorrupt):
+        reopen_state(data_dir)
+
+    ran = kvd_journal("repair", data_dir)
+    assert f"covered by the snapshot at seq {seq}; damaged at seq" in ran.text, ran.text + ran.err
+    cut = quarantined(data_dir)
+    manifest = json.loads(next(v for k, v in cut.items() if k.endswith("-repair.json")))
+    assert {c["source"]: cut[c["quarantined_as"]] for c in manifest["cuts"]} == kept
+    assert {path.name: path.read_bytes() for path in Layout.scan(data_dir).segments} == later
+    last, state = reopen_state(data_dir)  # nothing after the snapshot was cut
+    assert last == session.last
+    assert state == {k: v for k, (v, _) in session.states[-1].items()}
+    # The archive now ends where the quarantined segments began: verify names the gap.
+    assert ran.code == 1 and "after repair the store opens" in ran.text
+
+
 # --- command line, end to end --------------------------------------------------------
 
 

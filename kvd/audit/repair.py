@@ -74,6 +74,8 @@ def plan_repair(directory: Path) -> RepairPlan:
     Then the first damaged record and everything after it is cut. Damaged
     snapshots are quarantined. Damaged archived segments are left alone:
     start-up does not read them, and cutting them would destroy evidence.
+    Live segments the base wholly covers are cut whole when start-up's check
+    of them fails (``_covered_cuts``).
     """
     layout = Layout.scan(directory)
     plan = RepairPlan()
@@ -119,6 +121,8 @@ def plan_repair(directory: Path) -> RepairPlan:
     restored_segments = [path for path in plan.restore if not is_snapshot_name(path.name)]
     after_restore = sorted(live + restored_segments, key=segment_first_seq)
     segments = segments_from(after_restore, chosen.seq + 1)
+    covered = [path for path in after_restore if path not in segments]
+    plan.cuts.extend(_covered_cuts(covered, segments, chosen))
     reader = JournalReader(segments=segments, start_seq=chosen.seq + 1, start_hash=chosen.head)
     try:
         for _ in reader.records():
@@ -140,6 +144,30 @@ def plan_repair(directory: Path) -> RepairPlan:
     if torn is not None:
         plan.cuts.append(_cut(torn.path, torn.offset, None, "torn last record (never acknowledged)"))
     return plan
+
+
+def _covered_cuts(covered: list[Path], segments: list[Path], base: _Base) -> list[Cut]:
+    """Every live segment holding only records the base covers, when one of them is damaged.
+
+    Start-up checks them up to the base's head before retiring them (a
+    compaction stopped before it did). The base holds their effect, so
+    moving them all loses no record after it; cutting from the damage on
+    instead would leave the earlier ones ending short of the base.
+    """
+    if not covered:
+        return []
+    reader = JournalReader(segments=covered + segments, start_seq=base.seq + 1, start_hash=base.head)
+    try:
+        for _ in reader.records():
+            break  # the first record after the base: every one before it was checked
+    except JournalCorrupt as exc:
+        if exc.seq <= base.seq:
+            reason = (
+                f"covered by the snapshot at seq {base.seq}; damaged at seq {exc.seq} "
+                f"in {exc.path.name}: {exc.reason}"
+            )
+            return [_cut(path, 0, None, reason) for path in covered]
+    return []
 
 
 def _fallback(
@@ -324,8 +352,8 @@ def run(directory: Path, args: argparse.Namespace, config: Config) -> int:
     print("after repair the store opens, but verify still finds damage that repair does not cut:")
     for line in verification_report(result):
         print(f"  {line}")
-    print("  (repair cuts only what start-up reads, the newest snapshot and the records after "
-          "it; older and archived history is left as evidence: restore the file from a backup, "
+    print("  (repair cuts only what start-up reads, the newest snapshot and the live segments; "
+          "older and archived history is left as evidence: restore the file from a backup, "
           "or move it out of the data directory)")
     return EXIT_FAILURE
 
