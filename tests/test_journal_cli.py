@@ -910,6 +910,24 @@ def test_repair_lets_a_server_that_refused_damage_start_again(kvd_process, tmp_p
     assert cut == b"".join(lines[10:])
 
 
+@pytest.mark.slow
+def test_a_server_refuses_damage_the_snapshot_covers_until_repaired(archived, kvd_process, tmp_path):
+    """Not archived unseen at start-up: the error names the file and seq; after repair it starts."""
+    data_dir = copy_of(archived[0], tmp_path)
+    _, covered = crashed_before_retiring(data_dir)
+    lines = segment_lines(covered[0])
+    missing = seq_of(lines[1])
+    covered[0].write_bytes(b"".join(lines[:1] + lines[2:]))
+    env = {"KVD_JOURNAL_ARCHIVE": "true", "KVD_JOURNAL_COMPACT_CHECK_SECONDS": "3600"}
+    with pytest.raises(RuntimeError, match=f"{covered[0].name} at byte .* [(]seq {missing}[)]"):
+        kvd_process(data_dir, env=env)
+    assert covered[0].exists() and not (data_dir / "archive" / covered[0].name).exists()
+    repair = run_kvd("journal", "repair", "--data-dir", str(data_dir))
+    assert "covered by the snapshot" in repair.stdout, repair.stdout + repair.stderr
+    restarted = kvd_process(data_dir, env=env)
+    assert f"at revision {archived[1].last}" in restarted.log()
+
+
 # --- the helpers and modules under the commands ------------------------------------
 
 
