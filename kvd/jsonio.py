@@ -1,16 +1,21 @@
-"""JSON in and out: orjson on the fast path, exact for integers of any size.
+"""JSON in and out: orjson on the fast path, exact for every number.
 
-orjson reads integers beyond 64 bits as floats and refuses to write them, so
-a body holding an integer of 19 or more digits goes through the standard
-library, which keeps them exact. Both paths reject NaN, Infinity and other non-JSON
-tokens, and nesting deeper than ``MAX_DEPTH``.
+orjson reads numbers as 64-bit integers or doubles: an integer beyond 64 bits
+becomes a float, a decimal with more digits than a double holds is rounded
+(``3.14159265358979323846`` to ``3.141592653589793``), and a tiny exponent is
+flushed to zero (``1e-400``). A body that may hold such a number goes through
+the standard library's parser instead, which keeps big integers as ints and
+every number a double would change as its own text (an ``orjson.Fragment``),
+written back unchanged. Both paths refuse a number beyond a double's range
+(``1e400``), NaN, Infinity and other non-JSON tokens, and nesting deeper than
+``MAX_DEPTH``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -18,21 +23,25 @@ import orjson
 MAX_DEPTH = 128
 """Deepest nesting of arrays and objects a value may have."""
 
-# An integer of 19+ digits in value position (after `:`, `,` or `[`, or alone)
-# may not fit 64 bits. Digit runs inside strings rarely look like that, and a
-# false positive only costs the slower exact parse.
-_LONG_INTEGER = re.compile(rb"[:,\[]\s*-?\d{19}")
-# Maps every digit to "0" and everything else to "x", so a C-speed substring
-# test finds runs of 19 digits before any regex runs.
-_DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x78 for b in range(256))
-_DIGIT_RUN = b"0" * 19
+# A number in value position (after `:`, `,` or `[`, or alone) with 16 or more
+# digits, or an exponent, may be one orjson changes. Digit runs inside strings
+# rarely look like that, and a false positive only costs the slower exact parse.
+_INEXACT_NUMBER = re.compile(rb"(?:^|[:,\[])\s*-?(?:\d(?:\.?\d){15}|\d+(?:\.\d+)?[eE])")
+# Maps digits and "." to "0", "e" and "E" to "e" and everything else to "x", so a
+# C-speed substring test rules most bodies out before any regex runs.
+_NUMBER_SHAPES = bytes(
+    0x30 if 0x30 <= b <= 0x39 or b == 0x2E else 0x65 if b in (0x45, 0x65) else 0x78
+    for b in range(256)
+)
+_DIGIT_RUN = b"0" * 16
 
 
-def may_hold_long_integer(raw: bytes) -> bool:
-    """Whether orjson could misread an integer in ``raw`` (it reads >64-bit ones as floats)."""
-    if _DIGIT_RUN not in raw.translate(_DIGITS_ONLY):
+def needs_exact_parse(raw: bytes) -> bool:
+    """Whether orjson could change a number in ``raw`` (see the module's docstring)."""
+    shapes = raw.translate(_NUMBER_SHAPES)
+    if _DIGIT_RUN not in shapes and b"0e" not in shapes:
         return False
-    return bool(_LONG_INTEGER.search(raw)) or raw.lstrip()[:1] in b"-0123456789"
+    return bool(_INEXACT_NUMBER.search(raw))
 
 
 class JSONError(ValueError):
@@ -43,14 +52,21 @@ def _reject_constant(token: str) -> Any:
     raise JSONError(f"{token} is not valid JSON")
 
 
-def _finite_float(text: str) -> float:
+def _exact_number(text: str) -> float | orjson.Fragment:
+    """A float when it is the number ``text`` says, else the text itself, kept as it came.
+
+    Beyond a double's range (``1e400``) is refused, as by orjson: most clients would
+    read it back as Infinity, which JSON cannot carry.
+    """
     number = float(text)
-    if not math.isfinite(number):
+    if number in (float("inf"), float("-inf")):
         raise JSONError(f"number {text} is out of range")
-    return number
+    if Decimal(repr(number)) == Decimal(text):
+        return number
+    return orjson.Fragment(text.encode())
 
 
-_exact_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_exact_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_exact_number)
 
 
 def loads(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> Any:
@@ -60,7 +76,7 @@ def loads(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> Any:
     """
     raw = data.encode() if isinstance(data, str) else data
     try:
-        if may_hold_long_integer(raw):
+        if needs_exact_parse(raw):
             value = _exact_decoder.decode(raw.decode("utf-8"))
         else:
             value = orjson.loads(raw)
@@ -85,12 +101,23 @@ def dumps(value: Any) -> bytes:
     except orjson.JSONEncodeError:
         pass
     check_depth(value)
-    try:
-        return json.dumps(
-            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-        ).encode("utf-8")
-    except (ValueError, TypeError, RecursionError) as exc:
+    try:  # an integer beyond 64 bits, which orjson refuses: written as its digits
+        return memoryview(orjson.dumps(_big_integers_as_text(value))).tobytes()
+    except orjson.JSONEncodeError as exc:
         raise JSONError(f"value cannot be encoded as JSON: {exc}") from None
+
+
+_INT64 = range(-(2**63), 2**64)  # orjson writes ints in this range (unsigned up to 2**64 - 1)
+
+
+def _big_integers_as_text(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _big_integers_as_text(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_big_integers_as_text(item) for item in value]
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        return orjson.Fragment(str(value).encode())
+    return value
 
 
 def check_depth(value: Any, max_depth: int = MAX_DEPTH) -> None:

@@ -8,6 +8,7 @@ import logging
 from urllib.parse import quote
 
 import pytest
+from conftest import build_harness
 from tornado.httpclient import HTTPResponse
 
 JSON = {"Content-Type": "application/json"}
@@ -41,6 +42,37 @@ async def test_values_read_back_exactly_including_big_integers_and_unicode(api):
     assert (await api("PUT", "/keys", values)).code == 200
     listing = json.loads((await api("GET", "/keys")).body)
     assert listing == values
+
+
+PRECISE = b'{"pi": 3.14159265358979323846264338327950288, "money": {"amount": 12345678901234567.89}, ' \
+    b'"tiny": 1e-400, "near_one": 1.0000000000000000000000001, "ns": 1700000000.123456789}'
+PRECISE_STORED = {  # each value's compact text: every digit as sent
+    "pi": b"3.14159265358979323846264338327950288", "money": b'{"amount":12345678901234567.89}',
+    "tiny": b"1e-400", "near_one": b"1.0000000000000000000000001", "ns": b"1700000000.123456789",
+}
+
+
+@pytest.mark.gen_test
+async def test_numbers_keep_every_digit_through_writes_reads_patches_and_replay(api, harness):
+    """A double would round these (3.141592653589793, 1.2345678901234568e+16, 0.0, 1.0)."""
+    assert (await api("PUT", "/keys", raw=PRECISE)).code == 200
+    for key, text in PRECISE_STORED.items():
+        assert (await api("GET", f"/keys/{key}")).body == b'{"' + key.encode() + b'":' + text + b"}"
+    listing = (await api("GET", "/keys")).body
+    assert all(b'"' + key.encode() + b'":' + text in listing for key, text in PRECISE_STORED.items())
+    assert (await api("PUT", "/keys/e", raw=b"2.718281828459045235360287471352")).code == 201
+    patched = await api("PATCH", "/keys/money", {"currency": "EUR"})
+    assert patched.body == b'{"money":{"amount":12345678901234567.89,"currency":"EUR"}}'
+    harness.ctx.stop_periodic_tasks()
+    await harness.journal.close()
+    reopened = build_harness(harness.data_dir)
+    try:
+        assert reopened.store.get("pi").value == PRECISE_STORED["pi"]
+        assert reopened.store.get("e").value == b"2.718281828459045235360287471352"
+        assert reopened.store.get("money").value == b'{"amount":12345678901234567.89,"currency":"EUR"}'
+    finally:
+        reopened.ctx.stop_periodic_tasks()
+        reopened.journal.close_sync()
 
 
 @pytest.mark.gen_test

@@ -157,7 +157,7 @@ def decode_record(line: bytes) -> Record:
     if hashlib.sha256(line[:cut]).hexdigest() != stored_hash:
         raise RecordError("checksum mismatch")
     try:
-        if jsonio.may_hold_long_integer(line):
+        if jsonio.needs_exact_parse(line):
             fields = jsonio.loads(line, max_depth=None)  # depth was checked when written
         else:
             fields = orjson.loads(line)
