@@ -24,22 +24,25 @@ MAX_DEPTH = 128
 """Deepest nesting of arrays and objects a value may have."""
 
 # A number in value position (after `:`, `,` or `[`, or alone) with 16 or more
-# digits, or an exponent, may be one orjson changes. Digit runs inside strings
-# rarely look like that, and a false positive only costs the slower exact parse.
-_INEXACT_NUMBER = re.compile(rb"(?:^|[:,\[])\s*-?(?:\d(?:\.?\d){15}|\d+(?:\.\d+)?[eE])")
-# Maps digits and "." to "0", "e" and "E" to "e" and everything else to "x", so a
-# C-speed substring test rules most bodies out before any regex runs.
+# digits, or a negative exponent of 3 or more digits, may be one orjson changes (an
+# exponent alone cannot: a double's range is 1e-324 to 1e308, and orjson refuses
+# beyond the top). Digit runs inside strings rarely look like that, and a false
+# positive only costs the slower exact parse.
+_INEXACT_NUMBER = re.compile(rb"(?:^|[:,\[])\s*-?(?:\d(?:\.?\d){15}|\d+(?:\.\d+)?[eE]-\d{3})")
+# Maps digits and "." to "0", "e" and "E" to "e", "-" to itself and everything else
+# to "x", so C-speed substring tests rule most bodies out before any regex runs.
 _NUMBER_SHAPES = bytes(
-    0x30 if 0x30 <= b <= 0x39 or b == 0x2E else 0x65 if b in (0x45, 0x65) else 0x78
+    0x30 if 0x30 <= b <= 0x39 or b == 0x2E else 0x65 if b in (0x45, 0x65) else b if b == 0x2D else 0x78
     for b in range(256)
 )
 _DIGIT_RUN = b"0" * 16
+_TINY_EXPONENT = b"0e-000"
 
 
 def needs_exact_parse(raw: bytes) -> bool:
     """Whether orjson could change a number in ``raw`` (see the module's docstring)."""
     shapes = raw.translate(_NUMBER_SHAPES)
-    if _DIGIT_RUN not in shapes and b"0e" not in shapes:
+    if _DIGIT_RUN not in shapes and _TINY_EXPONENT not in shapes:
         return False
     return bool(_INEXACT_NUMBER.search(raw))
 
