@@ -223,6 +223,28 @@ async def test_json_content_type_with_charset_is_accepted(api):
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("target", ["/keys", "/keys/k"])  # /keys/k: kvd's own fast write paths too
+@pytest.mark.parametrize("charset", ["iso-8859-1", '"utf-16"', "latin1"])
+async def test_a_body_in_another_charset_is_415_not_read_as_utf8(api, harness, target, charset):
+    body = b'{"k": "caf\xe9"}' if target == "/keys" else b'"caf\xe9"'
+    response = await api("PUT", target, raw=body,
+                         headers={"Content-Type": f"application/json; charset={charset}"})
+    assert response.code == 415 and error_code(response) == "unsupported_media_type"
+    assert charset.strip('"') in json.loads(response.body)["error"]["message"]
+    assert harness.journal_lines() == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("content_type", ["application/json; charset=UTF-8", 'application/json;charset="utf-8"',
+                                          "application/json; charset=utf8", "application/json; foo=bar"])
+async def test_a_utf8_charset_or_another_parameter_is_accepted(api, content_type):
+    for target, body in (("/keys", b'{"k": "caf\xc3\xa9"}'), ("/keys/j", b'"caf\xc3\xa9"')):
+        response = await api("PUT", target, raw=body, headers={"Content-Type": content_type})
+        assert response.code in (200, 201), (target, response.body)
+    assert json.loads((await api("GET", "/keys")).body) == {"j": "café", "k": "café"}
+
+
+@pytest.mark.gen_test
 async def test_value_over_limit_is_413(api, harness):
     limit = harness.ctx.config.server.max_value_bytes
     response = await api("PUT", "/keys", {"a": "x" * limit})  # limit + 2 quote bytes

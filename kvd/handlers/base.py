@@ -22,6 +22,22 @@ from kvd.errors import CODES_BY_STATUS, BadRequest, KvdError, NotFound, Unavaila
 log = logging.getLogger("kvd.app")
 
 JSON_TYPE = "application/json"
+
+
+def body_charset(content_type: str) -> str | None:
+    """The ``charset`` a Content-Type names, lower-cased and unquoted (None without one).
+
+    kvd reads bodies as UTF-8 only: another charset is refused (415), never
+    decoded as if it were UTF-8.
+    """
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
+UTF8_CHARSETS = (None, "utf-8", "utf8")
 STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
 

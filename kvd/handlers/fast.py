@@ -25,7 +25,14 @@ from tornado import httputil
 from tornado.iostream import StreamClosedError
 
 from kvd.errors import KvdError
-from kvd.handlers.base import JSON_TYPE, error_body, http_date, requested_key
+from kvd.handlers.base import (
+    JSON_TYPE,
+    UTF8_CHARSETS,
+    body_charset,
+    error_body,
+    http_date,
+    requested_key,
+)
 from kvd.handlers.keys import (
     check_key,
     encode_value,
@@ -168,7 +175,12 @@ def writes_plainly(ctx: AppContext) -> bool:
 
 def is_json_write(content_type: str, conditional: bool) -> bool:
     """A JSON body without If-Match/If-None-Match: what the fast write paths take."""
-    return not conditional and content_type.split(";", 1)[0].strip().lower() == JSON_TYPE
+    media_type, _, parameters = content_type.partition(";")
+    return (
+        not conditional
+        and media_type.strip().lower() == JSON_TYPE
+        and (not parameters or body_charset(content_type) in UTF8_CHARSETS)
+    )
 
 
 def is_plain_key_write(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:

@@ -31,7 +31,15 @@ from kvd.errors import (
     UnsupportedMediaType,
     plugin_required,
 )
-from kvd.handlers.base import JSON_TYPE, READ, WRITE, BaseHandler, requested_key
+from kvd.handlers.base import (
+    JSON_TYPE,
+    READ,
+    UTF8_CHARSETS,
+    WRITE,
+    BaseHandler,
+    body_charset,
+    requested_key,
+)
 from kvd.handlers.feed import parse_seq, retained_history
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record, parse_ts
 from kvd.log.history import History, HistoryGone
@@ -198,6 +206,9 @@ class KeysBodyHandler(BaseHandler):
                 f"body must be sent as {' or '.join(media_types)}, "
                 f"not {media_type or 'no content type'}"
             )
+        charset = body_charset(content_type)
+        if charset not in UTF8_CHARSETS:
+            raise UnsupportedMediaType(f"body must be UTF-8 JSON, not charset={charset}")
         return parse_json(self.request.body, depth)
 
     def encode_value(self, key: str, value: Any) -> bytes:
