@@ -390,6 +390,16 @@ async def test_a_client_hanging_up_on_a_streamed_listing_logs_no_error(api, base
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/metrics", "/openapi.json"])
+async def test_head_is_answered_wherever_get_is(api, path):
+    """RFC 9110 section 9.3.2: monitoring probes check /metrics with HEAD (was a 405)."""
+    get, head = await api("GET", path), await api("HEAD", path)
+    assert get.code == head.code == 200 and head.body == b""
+    assert head.headers["Content-Type"] == get.headers["Content-Type"]
+    assert int(head.headers["Content-Length"]) > 0
+
+
+@pytest.mark.gen_test
 async def test_head_length_is_what_get_would_send(api):
     await api("PUT", "/keys", {"k": {"a": [1, 2, 3]}})
     get = await api("GET", "/keys/k")

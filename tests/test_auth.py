@@ -176,7 +176,9 @@ async def test_read_write_token_gets_403_on_metrics_which_needs_admin(api, harne
         response = await api("GET", "/metrics", token)
         assert response.code == 403
         assert "'admin'" in error(response)["message"]
+        assert (await api("HEAD", "/metrics", token)).code == 403  # HEAD shows no less
     assert (await api("GET", "/metrics", ADMIN)).code == 200
+    assert (await api("HEAD", "/metrics", ADMIN)).code == 200
 
 
 # --- 200: the scope is there --------------------------------------------------------------

@@ -23,3 +23,5 @@ class OpenAPIHandler(BaseHandler):
 
     def get(self) -> None:
         self.send_json(OPENAPI_DOCUMENT)
+
+    head = get

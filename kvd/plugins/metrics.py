@@ -130,7 +130,7 @@ class StoreCollector(Collector):
 
 class MetricsHandler(BaseHandler):
     endpoint = "/metrics"
-    scopes = {"GET": ADMIN}
+    scopes = {"GET": ADMIN, "HEAD": ADMIN}
 
     def initialize(self, ctx: AppContext, registry: CollectorRegistry) -> None:  # type: ignore[override]
         super().initialize(ctx)
@@ -139,6 +139,8 @@ class MetricsHandler(BaseHandler):
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(self.registry))
+
+    head = get  # RFC 9110: wherever GET is; Tornado leaves the body out
 
 
 def make_plugin(settings: dict[str, Any]) -> MetricsPlugin:
