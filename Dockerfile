@@ -73,7 +73,7 @@ EXPOSE 8000
 # slim has no curl; python's urllib is always there. urlopen raises on any
 # non-2xx answer or connection error, which exits non-zero.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('KVD_SERVER_PORT', '8000'), timeout=2)"]
 
 # Exec form keeps kvd as PID 1, so it receives SIGTERM itself and drains,
 # flushes and exits 0 (no shell in between to swallow the signal).

@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -240,7 +241,9 @@ def test_runtime_healthcheck_uses_python_urllib_on_healthz(runtime):
     command = healthcheck_command(only(instructions, "HEALTHCHECK").args)
     # slim ships no curl or wget.
     assert command[0] == "python"
-    assert f"http://127.0.0.1:{IMAGE_PORT}/healthz" in " ".join(command)
+    assert "http://127.0.0.1:%s/healthz" in " ".join(command)
+    # The port kvd listens on: KVD_SERVER_PORT when the operator sets it, else the image's.
+    assert f"os.environ.get('KVD_SERVER_PORT', '{IMAGE_PORT}')" in " ".join(command)
     assert "urllib" in " ".join(command)
 
 
@@ -283,7 +286,8 @@ def test_compose_has_application_on_8000_and_test(compose):
     # A named volume (declared at top level), not a bind mount of the host.
     assert volume_names[0] in (compose.get("volumes") or {})
     health = application["healthcheck"]["test"]
-    assert health[0] == "CMD" and f"127.0.0.1:{IMAGE_PORT}/healthz" in " ".join(health)
+    assert health[0] == "CMD" and "127.0.0.1:%s/healthz" in " ".join(health)
+    assert f"os.environ.get('KVD_SERVER_PORT', '{IMAGE_PORT}')" in " ".join(health)
 
     assert test["build"]["target"] == TEST_STAGE
     assert "pytest" in " ".join(test.get("command") or [])
@@ -463,15 +467,22 @@ def test_runtime_install_steps_give_a_kvd_that_serves_and_stops_on_sigterm(
             assert response.status == 200
             assert json.loads(response.read()) == {"status": "ok"}
 
-        # The image's and compose's health checks, pointed at this port.
+        # The image's and compose's health checks, with the port kvd was given, as a
+        # container would have it in KVD_SERVER_PORT; and failing on a port nothing serves.
         for check in (
             healthcheck_command(only(instructions, "HEALTHCHECK").args),
             compose["services"]["application"]["healthcheck"]["test"][1:],
         ):
-            argv = [a.replace(f":{IMAGE_PORT}/", f":{port}/") for a in image.argv(check)]
-            assert argv != image.argv(check), f"health check does not use port {IMAGE_PORT}"
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            argv = image.argv(check)
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                                    env=image.process_env(KVD_SERVER_PORT=str(port)))
             assert result.returncode == 0, f"{check} failed:\n{result.stderr}"
+            with socket.socket() as unserved:
+                unserved.bind(("127.0.0.1", 0))
+                closed = str(unserved.getsockname()[1])
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                                    env=image.process_env(KVD_SERVER_PORT=closed))
+            assert result.returncode != 0, f"{check} passed with nothing listening"
 
         # A write lands in KVD_JOURNAL_DATA_DIR: the image's /data depends on it.
         request = urllib.request.Request(
