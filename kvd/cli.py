@@ -69,7 +69,8 @@ only read (no lock, no writes), so they are safe on a running server's
 directory. compact and repair change it and refuse while a server runs.
 Times (T) are ISO 8601 (2026-11-27T18:38:34Z; no zone means UTC; a date alone
 is its midnight). Exit status: 0 done, 1 failed (damage found, a point older
-than the retained history, store in use), 2 usage error.
+than the retained history, store in use), 2 usage error, 3 verify could not
+check (files kept moving under a running compaction; nothing found damaged).
 A NATS-backed store: --nats URL [--stream NAME] instead of --data-dir exports
 the stream and its snapshots into a temporary data directory (--keep-export
 DIR keeps it) and runs the command there; nothing in NATS changes. compact and

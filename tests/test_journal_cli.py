@@ -383,6 +383,46 @@ def test_verify_detects_a_removed_archive_segment(archived, tmp_path, kvd_journa
     assert f"(seq {first}): records {first}..{following - 1} are missing" in ran.text
 
 
+@pytest.mark.parametrize("moves", [1, 1000])
+def test_verify_starts_over_when_files_move_and_never_calls_that_damage(
+    archived, tmp_path, kvd_journal, monkeypatch, moves
+):
+    """A compaction moves files under a verify of a live directory. Exit 1 means damage
+    to the scripts that run verify; a view that never held still is exit 3, not 1."""
+    from kvd.audit import verify as verify_module
+
+    data_dir = copy_of(archived[0], tmp_path)
+    real_scan = verify_module.Layout.scan
+    moved: list[tuple[Path, Path]] = []
+
+    def scan_while_compacting(directory: Path) -> Layout:
+        for away, back in moved:  # the file of the try before is back in place
+            away.rename(back)
+        moved.clear()
+        layout = real_scan(directory)
+        if len(scans) < moves:  # then it moves, after the listing and before the reading
+            segment = layout.segments[0]
+            away = segment.with_name(segment.name + ".moving")
+            segment.rename(away)
+            moved.append((away, segment))
+        scans.append(directory)
+        return layout
+
+    scans: list[Path] = []
+    monkeypatch.setattr(verify_module.Layout, "scan", staticmethod(scan_while_compacting))
+    monkeypatch.setattr(verify_module, "MOVED_BACKOFF_S", 0.0)
+    ran = kvd_journal("verify", data_dir)
+    monkeypatch.undo()
+    for away, back in moved:
+        away.rename(back)
+    if moves == 1:
+        assert ran.code == 0 and len(scans) == 2, ran.text
+    else:
+        assert ran.code == 3 and len(scans) == verify_module.MOVED_RETRIES
+        assert "nothing was found damaged" in ran.err
+    assert kvd_journal("verify", data_dir).code == 0
+
+
 def test_verify_treats_a_torn_last_record_as_a_warning(archived, tmp_path, kvd_journal):
     data_dir = copy_of(archived[0], tmp_path)
     last = Layout.scan(data_dir).segments[-1]

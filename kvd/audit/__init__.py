@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvd.audit import compact, dump, history, repair, replay, stats, verify
-from kvd.audit.base import EXIT_FAILURE, AuditError, error, note
+from kvd.audit.base import EXIT_FAILURE, EXIT_INCONCLUSIVE, AuditError, Inconclusive, error, note
 from kvd.config import Config
 from kvd.log.history import HistoryGone
 from kvd.log.reader import JournalCorrupt
@@ -119,6 +119,9 @@ def _run_action(
 ) -> int:
     try:
         return action(directory, args, config)
+    except Inconclusive as exc:
+        error(str(exc))
+        return EXIT_INCONCLUSIVE
     except AuditError as exc:
         error(str(exc))
         return EXIT_FAILURE
@@ -135,7 +138,7 @@ def _run_action(
     except FileNotFoundError as exc:
         # A live server's compaction retired a file between listing and reading it.
         error(f"{exc.filename} went away while reading (a compaction ran?); run the command again")
-        return EXIT_FAILURE
+        return EXIT_INCONCLUSIVE if args.journal_command == "verify" else EXIT_FAILURE
     except BrokenPipeError:
         # Whoever read our output stopped (`kvd journal dump | head`): not worth a
         # traceback. Point stdout at /dev/null so the interpreter's final flush is quiet.

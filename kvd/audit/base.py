@@ -11,10 +11,15 @@ from kvd.log.lock import DataDirLock, DataDirLocked
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_INCONCLUSIVE = 3  # verify could not check: not "damaged" (1), which scripts act on
 
 
 class AuditError(Exception):
     """A command cannot do what was asked; the message says why (exit 1)."""
+
+
+class Inconclusive(AuditError):
+    """Nothing was found wrong, but the check could not finish (exit 3)."""
 
 
 def error(message: str) -> None:

@@ -7,11 +7,12 @@ snapshot's entries while comparing the two.
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvd import jsonio
-from kvd.audit.base import EXIT_FAILURE, EXIT_OK, AuditError, counted, file_size
+from kvd.audit.base import EXIT_FAILURE, EXIT_OK, Inconclusive, counted, file_size
 from kvd.audit.progress import Progress, segment_bytes
 from kvd.config import Config
 from kvd.log.format import GENESIS_HASH, Record, format_ts
@@ -20,7 +21,8 @@ from kvd.log.reader import JournalCorrupt, JournalReader, TornTail, segment_firs
 from kvd.log.snapshot import SnapshotCorrupt, SnapshotHeader, read_snapshot, snapshot_seq
 from kvd.model import Entry
 
-MOVED_RETRIES = 3  # how often verify starts over when compaction moves files under it
+MOVED_RETRIES = 8  # how often verify starts over when compaction moves files under it
+MOVED_BACKOFF_S = 0.1  # times the try number: 2.8 s of waiting in all
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,15 @@ def verify_directory(directory: Path, expect: ExpectedHead | None = None) -> Ver
     as the records on disk allow (digest; head against record ``seq``;
     entries against the replayed records).
     """
-    for _ in range(MOVED_RETRIES):
+    for attempt in range(MOVED_RETRIES):
         try:
             return _verify_once(directory, expect)
         except _FilesMoved:
-            continue
-    raise AuditError("files kept moving while verifying (compaction running?); try again")
+            time.sleep(MOVED_BACKOFF_S * attempt)  # let a compaction in progress finish
+    raise Inconclusive(
+        f"files kept moving while verifying ({MOVED_RETRIES} tries; is compaction running "
+        "over and over?): nothing was found damaged, but nothing was checked whole; try again"
+    )
 
 
 def _verify_once(directory: Path, expect: ExpectedHead | None) -> Verification:
