@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -421,6 +422,35 @@ def test_verify_starts_over_when_files_move_and_never_calls_that_damage(
         assert ran.code == 3 and len(scans) == verify_module.MOVED_RETRIES
         assert "nothing was found damaged" in ran.err
     assert kvd_journal("verify", data_dir).code == 0
+
+
+def doc_script(title: str) -> str:
+    """The first Python block after ``title`` in docs/journal-format.md."""
+    text = (REPO / "docs" / "journal-format.md").read_text()
+    after = text[text.index(title):]
+    return after[after.index("```python\n") + len("```python\n"):].split("```", 1)[0]
+
+
+def test_the_documented_chain_check_passes_an_archived_compacted_store_and_finds_damage(
+    archived, tmp_path
+):
+    """An auditor's own script, from the format document alone (without kvd's code)."""
+    script = doc_script("Checking a whole store")
+    data_dir = copy_of(archived[0], tmp_path)
+    ran = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith(f"ok: records up to seq {archived[1].last}, "), ran.stdout
+    shutil.rmtree(data_dir / "archive")  # compacted, nothing archived: starts after the snapshot
+    ran = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    last = Layout.scan(data_dir).segments[-1]
+    lines = last.read_bytes().splitlines(keepends=True)
+    last.write_bytes(b"".join(lines[:-2] + lines[-1:]))  # a record removed
+    ran = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode != 0 and "AssertionError" in ran.stderr
 
 
 def test_verify_treats_a_torn_last_record_as_a_warning(archived, tmp_path, kvd_journal):
