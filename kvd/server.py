@@ -152,7 +152,6 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     server = KvdHTTPServer(
         app,
         ssl_options=tls,
-        max_body_size=settings.max_body_bytes,
         max_header_size=settings.max_header_bytes,
         idle_connection_timeout=settings.idle_timeout,
         # body_timeout is kvd's own (kvd.handlers.deadline): tornado's costs loop passes

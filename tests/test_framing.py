@@ -89,6 +89,38 @@ async def test_an_oversized_head_gets_a_json_431(http_server, base_url, harness,
     conn.close()
 
 
+def chunked(body: bytes, size: int) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                    for part in (body[at:at + size] for at in range(0, len(body), size))) + b"0\r\n\r\n"
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("chunk_size", [1 << 30, 65536, 1000], ids=["one chunk", "64 KiB chunks", "1 KB chunks"])
+async def test_a_chunked_body_over_the_limit_gets_a_json_413_and_stores_nothing(
+    http_server, base_url, harness, chunk_size
+):
+    """As for a Content-Length over the limit (tornado's own limit answered a bare 400)."""
+    limit = harness.ctx.config.server.max_body_bytes
+    body = b'{"c": "' + b"x" * limit + b'"}'
+    conn = await Connection.open(base_url)
+    await conn.send(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, chunk_size))
+    status, headers, answer = await conn.response()
+    assert status == 413 and json.loads(answer)["error"]["code"] == "payload_too_large", answer
+    assert f"larger than {limit} bytes" in json.loads(answer)["error"]["message"]
+    assert headers["connection"] == "close"
+    assert harness.store.get("c") is None
+    conn.close()
+
+
+@pytest.mark.gen_test
+async def test_a_chunked_body_within_the_limit_is_stored(http_server, base_url, harness):
+    conn = await Connection.open(base_url)
+    await conn.send(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b'{"n": [1, 2, 3]}', 5))
+    status, _, answer = await conn.response()
+    assert status == 201 and json.loads(answer) == {"c": {"n": [1, 2, 3]}}
+    conn.close()
+
+
 @pytest.mark.gen_test
 async def test_a_well_formed_error_still_comes_from_the_handler(http_server, base_url):
     """Only tornado's bare answer is replaced: a handler's own 400 keeps its message."""

@@ -14,7 +14,7 @@ from kvd.handlers.base import NotFoundHandler
 from kvd.handlers.deadline import BodyDeadline, has_body
 from kvd.handlers.fast import FastKeyRead, FastKeyWrite, is_plain_key_read, is_plain_key_write
 from kvd.handlers.feed import FeedHandler
-from kvd.handlers.framing import BodyTooLarge, declares_too_large_body
+from kvd.handlers.framing import BodyTooLarge, ChunkedBodyLimit, declares_too_large_body
 from kvd.handlers.health import HealthHandler, ReadyHandler
 from kvd.handlers.keys import KeyHandler, KeysHandler
 from kvd.handlers.openapi import OpenAPIHandler
@@ -44,15 +44,17 @@ class KvdApplication(Application):
 
     def find_handler(self, request: httputil.HTTPServerRequest, **kwargs: Any) -> Any:
         delegate = self._pick(request)
+        if "Transfer-Encoding" in request.headers:
+            delegate = ChunkedBodyLimit(delegate, request, self.ctx.config.server.max_body_bytes)
         if has_body(request):
             return BodyDeadline(delegate, request, self.ctx.config.server.body_timeout)
         return delegate
 
     def _pick(self, request: httputil.HTTPServerRequest) -> Any:
+        if declares_too_large_body(self.ctx, request):  # first: tornado itself sets no limit
+            return BodyTooLarge(self, request)
         if self.fast_paths and is_plain_key_read(self.ctx, request):
             return FastKeyRead(self, request)
-        if declares_too_large_body(self.ctx, request):
-            return BodyTooLarge(self, request)
         if self.fast_paths and is_plain_key_write(self.ctx, request):
             return FastKeyWrite(self, request)
         return self.route(request)

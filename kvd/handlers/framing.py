@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 TORNADO_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"  # http1connection._read_message_inner
 MALFORMED = BadRequest("malformed HTTP request (framing, request line or headers)")
+# Tornado's max_body_size: kvd refuses large bodies itself, with a 413 (BodyTooLarge from
+# the Content-Length, ChunkedBodyLimit as chunks arrive), where tornado answers a bare 400.
+UNLIMITED_BODY = 1 << 62
 HEAD_TOO_LARGE = HeaderTooLarge("request head larger than server.max_header_bytes")
 
 
@@ -94,8 +97,51 @@ class BodyTooLarge(httputil.HTTPMessageDelegate):
         pass
 
 
+class ChunkedBodyLimit(httputil.HTTPMessageDelegate):
+    """413 for a chunked body that grows past ``max_body_bytes``.
+
+    A chunked body declares no length, so it cannot be refused up front like
+    one with a Content-Length (``BodyTooLarge``). Tornado's own limit answers
+    a bare 400, as for a malformed body, so kvd counts the bytes itself (the
+    server gives tornado no limit of its own: ``UNLIMITED_BODY``) and, past
+    the limit, marks the stream for a 413 and stops tornado reading.
+    """
+
+    def __init__(
+        self, inner: httputil.HTTPMessageDelegate, request: httputil.HTTPServerRequest, limit: int
+    ) -> None:
+        self.inner = inner
+        self.request = request
+        self.limit = limit
+        self.received = 0
+
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
+        return self.inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        self.received += len(chunk)
+        if self.received > self.limit:
+            connection = self.request.connection
+            assert isinstance(connection, HTTP1Connection)
+            connection.stream.kvd_refusal = PayloadTooLarge(  # type: ignore[attr-defined]
+                f"body is larger than {self.limit} bytes"
+            )
+            raise httputil.HTTPInputError("chunked body too large")  # tornado answers, then closes
+        return self.inner.data_received(chunk)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def on_connection_close(self) -> None:
+        self.inner.on_connection_close()
+
+
 class KvdHTTPServer(HTTPServer):
     """Tornado's HTTPServer, with kvd's JSON answers to requests it cannot parse."""
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["max_body_size"] = UNLIMITED_BODY  # kvd's own limit answers 413 (see UNLIMITED_BODY)
+        super().initialize(*args, **kwargs)
 
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         write, close = stream.write, stream.close
@@ -104,7 +150,7 @@ class KvdHTTPServer(HTTPServer):
         def write_json_errors(data: bytes | memoryview) -> Any:
             nonlocal refused
             if data == TORNADO_BARE_400:
-                refused, data = True, refusal(MALFORMED)
+                refused, data = True, refusal(getattr(stream, "kvd_refusal", MALFORMED))
             return write(data)
 
         def close_answering_an_overflow(exc_info: Any = False) -> None:

@@ -185,8 +185,8 @@ class KeysBodyHandler(BaseHandler):
     """Parses a JSON body, answering 415/400 before anything is written.
 
     Bodies over ``max_body_bytes`` never get here: ``KvdApplication`` answers
-    413 from the Content-Length before the body is read (and the server
-    refuses a chunked body that grows past the limit).
+    413 from the Content-Length before the body is read, and a chunked body
+    as it grows past the limit (``framing.ChunkedBodyLimit``).
     """
 
     scopes = {"GET": READ, "HEAD": READ, "PUT": WRITE, "PATCH": WRITE, "DELETE": WRITE}
