@@ -223,11 +223,14 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     )
 
     await stopping.wait()
-    log.info("stopping: draining %d in-flight requests", ctx.in_flight)
+    log.info(
+        "stopping: draining %d in-flight requests",
+        ctx.in_flight + (wire.receiving() if wire is not None else 0),
+    )
     stop_listening(server, wire)
     ctx.end_streams()
     deadline = time.monotonic() + config.server.drain_seconds
-    while ctx.in_flight > 0 and time.monotonic() < deadline:
+    while (ctx.in_flight > 0 or wire is not None and wire.receiving()) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     ctx.stop_periodic_tasks()
     plugins.hook.shutdown(ctx=ctx)

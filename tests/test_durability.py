@@ -562,6 +562,35 @@ def test_sigterm_drains_and_exits_zero(kvd_process, tmp_path, signum):
     assert [r["seq"] for r in read_chain(data_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fast_wire", ["true", "false"], ids=["kvd's connections", "tornado's"])
+def test_sigterm_finishes_a_plain_put_whose_body_is_still_coming(kvd_process, tmp_path, fast_wire):
+    """The plainest write (PUT /keys/{id}, no Expect) with half its body sent when SIGTERM
+    lands: it is in flight, so it is answered and kept, not cut off."""
+    data_dir = tmp_path / "data"
+    server = kvd_process(data_dir=data_dir, env={"KVD_SERVER_FAST_WIRE": fast_wire})
+    body = json.dumps({"text": "v" * 20000}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    sock.sendall(
+        b"PUT /keys/uploading HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body[:100]
+    )
+    time.sleep(0.3)  # the head has arrived and been read
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert server.process.poll() is None, "exited without waiting for the upload:\n" + server.log()
+    sock.sendall(body[100:])
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    answer = json.loads(response.read())
+    sock.close()
+    assert response.status == 201, answer
+    assert server.process.wait(timeout=15) == 0, server.log()
+    assert "draining 1 in-flight requests" in server.log()
+    restarted = kvd_process(data_dir=data_dir)
+    assert restarted.request("GET", "/keys/uploading").json() == {"uploading": {"text": "v" * 20000}}
+
+
 # --- 6. bad requests write nothing -------------------------------------------------
 
 

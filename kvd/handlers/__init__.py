@@ -56,7 +56,7 @@ class KvdApplication(Application):
         if self.fast_paths and is_plain_key_read(self.ctx, request):
             return FastKeyRead(self, request)
         if self.fast_paths and is_plain_key_write(self.ctx, request):
-            return FastKeyWrite(self, request)
+            return InFlight(self.ctx, FastKeyWrite(self, request))  # in flight while its body comes
         return self.route(request)
 
     def route(self, request: httputil.HTTPServerRequest) -> httputil.HTTPMessageDelegate:

@@ -427,6 +427,15 @@ class Wire:
         if not task.cancelled() and task.exception() is not None:
             log.warning("could not serve a connection: %s", task.exception())
 
+    def receiving(self) -> int:
+        """Connections with a request whose head has come and whose body is still coming:
+        in flight, as tornado's are (``kvd.handlers.InFlight``), so SIGTERM waits for them."""
+        return sum(
+            1 for connection in self.connections
+            if not connection.answering and not connection.handing_over
+            and HEAD_END in connection.buffer
+        )
+
     def close_all_connections(self) -> None:
         for fd in list(self._undecided):
             self._give_up(fd)
