@@ -30,7 +30,7 @@ from kvd.log.file import FileJournal
 from kvd.log.format import encode_record, format_ts, segment_name
 from kvd.log.history import Layout
 from kvd.log.lock import DataDirLock
-from kvd.log.reader import segment_first_seq
+from kvd.log.reader import JournalCorrupt, segment_first_seq
 from kvd.log.snapshot import SnapshotHeader, read_snapshot, snapshot_seq, write_snapshot
 from kvd.model import Change
 from kvd.store import Store
@@ -829,6 +829,58 @@ def test_repair_refuses_a_damaged_snapshot_it_cannot_replace(tmp_path, kvd_journ
     ran = kvd_journal("repair", data_dir)
     assert ran.code == 1
     assert "would lose everything after it" in ran.err and "Nothing was changed" in ran.err
+    assert files_of(data_dir) == before and not (data_dir / "quarantine").exists()
+
+
+def with_forged_head(snapshot: bytes, head: str) -> bytes:
+    """The snapshot with another ``head`` in its header and its digest made to match."""
+    lines = snapshot.splitlines(keepends=True)
+    header = json.loads(lines[0])
+    header["head"] = head
+    before = json.dumps(header, separators=(",", ":")).encode() + b"\n" + b"".join(lines[1:-1])
+    trailer = json.loads(lines[-1])
+    trailer["sha256"] = hashlib.sha256(before).hexdigest()
+    return before + json.dumps(trailer, separators=(",", ":")).encode() + b"\n"
+
+
+def test_repair_blames_a_snapshot_whose_head_the_archive_contradicts_not_the_records(
+    archived, tmp_path, kvd_journal
+):
+    """Record N+1 links to record N's hash as the archive has it, not to the newest
+    snapshot's head: the snapshot's header is what changed. Cutting the records after it
+    (as for other damage) would have put acknowledged writes in quarantine."""
+    data_dir = copy_of(archived[0], tmp_path)
+    session = archived[1]
+    snapshot = Layout.scan(data_dir).snapshots[0]
+    forged = with_forged_head(snapshot.read_bytes(), "1" * 64)
+    snapshot.write_bytes(forged)
+    segments_before = {p.name: p.read_bytes() for p in Layout.scan(data_dir).segments}
+    with pytest.raises(JournalCorrupt, match=f"its prev is not the head of {snapshot.name}"):
+        reopen_state(data_dir)  # start-up names both suspects
+    ran = kvd_journal("repair", data_dir)
+    assert ran.code == 0, ran.text + ran.err
+    assert "its head is not the hash of record" in ran.text
+    cut = [content for name, content in quarantined(data_dir).items() if not name.endswith(".json")]
+    assert cut == [forged]  # the snapshot alone
+    assert {p.name: p.read_bytes() for p in Layout.scan(data_dir).segments
+            if p.name in segments_before} == segments_before  # no record cut
+    last, state = reopen_state(data_dir)
+    assert last == session.last
+    assert state == {k: v for k, (v, _) in session.states[-1].items()}
+    assert kvd_journal("verify", data_dir).code == 0
+
+
+def test_repair_refuses_to_guess_between_a_snapshot_head_and_the_records_without_archive(
+    tmp_path, kvd_journal
+):
+    data_dir = tmp_path / "data"
+    build(data_dir, archive=False, compactions=1)
+    snapshot = Layout.scan(data_dir).snapshots[0]
+    snapshot.write_bytes(with_forged_head(snapshot.read_bytes(), "1" * 64))
+    before = files_of(data_dir)
+    ran = kvd_journal("repair", data_dir)
+    assert ran.code == 1
+    assert "no archived history tells which" in ran.err and "Nothing was changed" in ran.err
     assert files_of(data_dir) == before and not (data_dir / "quarantine").exists()
 
 

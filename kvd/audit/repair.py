@@ -20,7 +20,13 @@ from kvd.audit.verify import verification_report, verify_directory
 from kvd.config import Config
 from kvd.log.format import GENESIS_HASH, format_ts
 from kvd.log.history import ARCHIVE_DIR, QUARANTINE_DIR, Layout
-from kvd.log.reader import JournalCorrupt, JournalReader, segment_first_seq, segments_from
+from kvd.log.reader import (
+    CHAIN_BROKEN,
+    JournalCorrupt,
+    JournalReader,
+    segment_first_seq,
+    segments_from,
+)
 from kvd.log.snapshot import (
     SnapshotCorrupt,
     SnapshotHeader,
@@ -135,6 +141,8 @@ def plan_repair(directory: Path) -> RepairPlan:
                 "changed; restore the segment from a backup."
             )
             return plan
+        if exc.seq == chosen.seq + 1 and chosen.snapshot is not None and exc.reason.startswith(CHAIN_BROKEN):
+            return _snapshot_head_or_records(layout, intact, chosen, exc, plan)
         index = segments.index(exc.path)
         plan.cuts.append(_cut(exc.path, exc.offset, exc.seq, f"damaged: {exc.reason}"))
         for later in segments[index + 1 :]:
@@ -144,6 +152,56 @@ def plan_repair(directory: Path) -> RepairPlan:
     if torn is not None:
         plan.cuts.append(_cut(torn.path, torn.offset, None, "torn last record (never acknowledged)"))
     return plan
+
+
+def _snapshot_head_or_records(
+    layout: Layout, intact: dict[Path, SnapshotHeader], chosen: _Base, exc: JournalCorrupt,
+    plan: RepairPlan,
+) -> RepairPlan:
+    """The first record after the base snapshot does not link to the snapshot's ``head``.
+
+    Either the snapshot's header is wrong or every record after it was
+    rewritten; cutting the records, as for other damage, would quarantine
+    acknowledged writes for what may be the snapshot's fault. When an older
+    base and the archive rebuild the state at the snapshot's seq and the
+    records after it link on to that, the snapshot is the damaged one: it is
+    cut and the older base restored. Otherwise nothing can tell which is
+    wrong, and the repair is refused.
+    """
+    assert chosen.snapshot is not None
+    older = {path: header for path, header in intact.items() if path != chosen.snapshot}
+    fallback = _fallback(layout, older, chosen.seq)
+    if fallback is not None and _reads_to_the_end(layout, fallback[0]):
+        base, restore = fallback
+        plan.cuts.append(Cut(
+            chosen.snapshot, 0, file_size(chosen.snapshot), None,
+            f"snapshot damaged: its head is not the hash of record {chosen.seq}, which the "
+            f"archive holds and record {exc.seq} links to",
+        ))
+        plan.restore, plan.base_seq = restore, base.seq
+        return plan
+    plan.refusal = (
+        f"{exc}: record {exc.seq} does not link to the head of the snapshot at seq "
+        f"{chosen.seq} ({chosen.snapshot.name}). Either the snapshot's header or the records "
+        "after it were changed, and no archived history tells which; cutting the records would "
+        "put acknowledged writes in quarantine. Nothing was changed; restore the snapshot or "
+        "the segments from a backup."
+    )
+    return plan
+
+
+def _reads_to_the_end(layout: Layout, base: _Base) -> bool:
+    """Whether every record after ``base``, archived and live, checks out and links on."""
+    reader = JournalReader(
+        segments=segments_from(layout.all_segments, base.seq + 1), start_seq=base.seq + 1,
+        start_hash=base.head,
+    )
+    try:
+        for _ in reader.records():
+            pass
+    except JournalCorrupt:
+        return False
+    return True
 
 
 def _covered_cuts(covered: list[Path], segments: list[Path], base: _Base) -> list[Cut]:

@@ -42,7 +42,7 @@ from kvd.log.format import (
 )
 from kvd.log.history import ARCHIVE_DIR, History, Layout
 from kvd.log.journal import Journal, JournalStats, JournalUnavailable
-from kvd.log.reader import JournalReader, segment_first_seq
+from kvd.log.reader import CHAIN_BROKEN, JournalCorrupt, JournalReader, segment_first_seq
 from kvd.log.simple_puts import SimplePuts
 from kvd.log.snapshot import (
     TEMP_SUFFIX,
@@ -201,16 +201,25 @@ class FileJournal(Journal):
         total = sum(path.stat().st_size for path in segments)
         next_report = PROGRESS_EVERY_BYTES
         on_puts = self.on_replay_puts
-        for item in reader.items(simple_puts=on_puts is not None):
-            if isinstance(item, Record):
-                self.on_commit(item)
-                self.stats.records += 1
-            else:
-                on_puts(item)  # type: ignore[misc]  # not None when simple puts are asked for
-                self.stats.records += len(item)
-            if progress is not None and reader.bytes_read >= next_report:
-                progress(reader.bytes_read, total)
-                next_report += PROGRESS_EVERY_BYTES
+        try:
+            for item in reader.items(simple_puts=on_puts is not None):
+                if isinstance(item, Record):
+                    self.on_commit(item)
+                    self.stats.records += 1
+                else:
+                    on_puts(item)  # type: ignore[misc]  # not None when simple puts are asked for
+                    self.stats.records += len(item)
+                if progress is not None and reader.bytes_read >= next_report:
+                    progress(reader.bytes_read, total)
+                    next_report += PROGRESS_EVERY_BYTES
+        except JournalCorrupt as exc:
+            if base is None or exc.seq != start_seq or exc.reason != CHAIN_BROKEN:
+                raise
+            raise JournalCorrupt(exc.path, exc.offset, exc.seq, (
+                f"{CHAIN_BROKEN}: its prev is not the head of {base.name}; the snapshot's header "
+                "or the records from here were changed (`kvd journal repair` tells which when "
+                "the archive can)"
+            )) from None
         if reader.helper_chunks:
             log.info(
                 "replay: a helper process checked %d chunks of the journal's later part "

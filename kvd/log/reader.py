@@ -31,6 +31,9 @@ _BLOCK_BYTES = 1024 * 1024  # read at a time; lines are split out of each block
 _RECORD_START = b'{"v":'  # how every record begins (format.encode_record)
 
 
+CHAIN_BROKEN = "hash chain broken"
+
+
 class JournalCorrupt(Exception):
     """Damage before the end of the journal; start-up must stop."""
 
@@ -221,7 +224,7 @@ class JournalReader:
         if record.seq != expected:
             raise JournalCorrupt(path, offset, expected, f"sequence {record.seq}, expected {expected}")
         if self.last_hash is not None and record.prev != self.last_hash:
-            raise JournalCorrupt(path, offset, expected, "hash chain broken")
+            raise JournalCorrupt(path, offset, expected, CHAIN_BROKEN)
         if (
             record.seq == self.start_seq - 1
             and self.start_hash is not None
