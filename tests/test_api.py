@@ -86,6 +86,18 @@ async def test_keys_with_slashes_spaces_and_unicode_round_trip(api):
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "PATCH", "DELETE"])
+async def test_an_empty_key_in_the_path_is_a_400_bad_key_not_an_unknown_route(api, harness, method):
+    """``"/keys/" + key`` with an empty key: the client's mistake is the key (README: a bad
+    key is a 400), which a 404 "no route" would hide."""
+    response = await api(method, "/keys/", {"x": 1} if method in ("PUT", "PATCH") else None)
+    assert response.code == 400
+    if method != "HEAD":
+        assert "key must not be empty" in json.loads(response.body)["error"]["message"]
+    assert harness.journal_lines() == []
+
+
+@pytest.mark.gen_test
 async def test_get_missing_key_is_404_json(api):
     response = await api("GET", "/keys/nope")
     assert response.code == 404

@@ -24,7 +24,7 @@ def core_routes(ctx: AppContext) -> list[Route]:
     shared = {"ctx": ctx}
     return [
         (r"/keys", KeysHandler, shared),
-        (r"/keys/(.+)", KeyHandler, shared),
+        (r"/keys/(.*)", KeyHandler, shared),  # /keys/ too: an empty key is a 400, not an unknown route
         (r"/healthz", HealthHandler, shared),
         (r"/readyz", ReadyHandler, shared),
         (r"/journal", FeedHandler, shared),
