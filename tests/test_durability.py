@@ -421,6 +421,16 @@ def test_an_unterminated_tail_that_no_write_leaves_is_damage_not_cut(tmp_path, t
     assert journal_files(data_dir) == {segment_name(1): content}  # nothing cut
 
 
+@pytest.mark.parametrize("gap", [b"\n", b"\n\n", b"\x00" * 10 + b"\n"])
+def test_an_empty_line_or_nul_bytes_before_more_records_is_named_as_such(tmp_path, gap):
+    """Not 'unterminated record': every line around it is whole."""
+    first, last = two_records()
+    data_dir = copy_with(tmp_path, "gap", first + gap + last)
+    with pytest.raises(JournalCorrupt, match="empty line or NUL bytes before more records") as refused:
+        open_in_process(data_dir)
+    assert refused.value.seq == 2 and refused.value.offset == len(first)
+
+
 @pytest.mark.parametrize("cut", [1, 5, 40, -2, -1])
 def test_a_prefix_of_the_last_record_is_still_a_torn_tail(tmp_path, cut):
     first, last = two_records()

@@ -241,7 +241,10 @@ class JournalReader:
         if is_last and _is_torn(rest):
             self.torn_tail = TornTail(path, offset, len(rest))
             return
-        raise JournalCorrupt(path, offset, self.last_seq + 1, "unterminated record")
+        reason = "unterminated record"
+        if rest[:1] in (b"\n", b"\x00") and rest.strip(b"\x00\n"):
+            reason = "empty line or NUL bytes before more records"
+        raise JournalCorrupt(path, offset, self.last_seq + 1, reason)
 
 
 def _is_torn(rest: bytes) -> bool:
