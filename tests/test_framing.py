@@ -110,6 +110,11 @@ async def test_a_chunked_body_over_the_limit_gets_a_json_413_and_stores_nothing(
     assert headers["connection"] == "close"
     assert harness.store.get("c") is None
     conn.close()
+    metrics = await Connection.open(base_url)
+    await metrics.send(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+    text = (await metrics.response())[2].decode()
+    assert 'request_count_total{endpoint="/keys/{id}",method="PUT",status="413"} 1.0' in text
+    metrics.close()
 
 
 @pytest.mark.gen_test

@@ -45,7 +45,7 @@ class KvdApplication(Application):
     def find_handler(self, request: httputil.HTTPServerRequest, **kwargs: Any) -> Any:
         delegate = self._pick(request)
         if "Transfer-Encoding" in request.headers:
-            delegate = ChunkedBodyLimit(delegate, request, self.ctx.config.server.max_body_bytes)
+            delegate = ChunkedBodyLimit(self.ctx, delegate, request)
         if has_body(request):
             return BodyDeadline(delegate, request, self.ctx.config.server.body_timeout)
         return delegate

@@ -66,6 +66,15 @@ def declares_too_large_body(ctx: AppContext, request: httputil.HTTPServerRequest
     return declared.isdigit() and int(declared) > ctx.config.server.max_body_bytes
 
 
+def count_refusal(ctx: AppContext, request: httputil.HTTPServerRequest, status: int) -> None:
+    """Count an answer no handler gave in the request metrics, under the route's template
+    (never the raw path: keys stay out of labels)."""
+    endpoint = "/keys" if request.path == "/keys" else "unmatched"
+    if request.path.startswith(PREFIX):
+        endpoint = ENDPOINT
+    ctx.request_done(request.method or "", endpoint, status, request.request_time())
+
+
 class BodyTooLarge(httputil.HTTPMessageDelegate):
     """413 from the Content-Length alone: the body is never read, the connection closes.
 
@@ -82,10 +91,7 @@ class BodyTooLarge(httputil.HTTPMessageDelegate):
         connection = self.request.connection
         assert isinstance(connection, HTTP1Connection)
         refuse(connection.detach(), PayloadTooLarge(f"body is larger than {limit} bytes"))
-        endpoint = "/keys" if self.request.path == "/keys" else "unmatched"
-        if self.request.path.startswith(PREFIX):
-            endpoint = ENDPOINT
-        self.ctx.request_done(self.request.method or "", endpoint, 413, self.request.request_time())
+        count_refusal(self.ctx, self.request, 413)
 
     def data_received(self, chunk: bytes) -> None:
         pass
@@ -108,11 +114,12 @@ class ChunkedBodyLimit(httputil.HTTPMessageDelegate):
     """
 
     def __init__(
-        self, inner: httputil.HTTPMessageDelegate, request: httputil.HTTPServerRequest, limit: int
+        self, ctx: AppContext, inner: httputil.HTTPMessageDelegate, request: httputil.HTTPServerRequest
     ) -> None:
+        self.ctx = ctx
         self.inner = inner
         self.request = request
-        self.limit = limit
+        self.limit = ctx.config.server.max_body_bytes
         self.received = 0
 
     def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
@@ -126,6 +133,7 @@ class ChunkedBodyLimit(httputil.HTTPMessageDelegate):
             connection.stream.kvd_refusal = PayloadTooLarge(  # type: ignore[attr-defined]
                 f"body is larger than {self.limit} bytes"
             )
+            count_refusal(self.ctx, self.request, 413)
             raise httputil.HTTPInputError("chunked body too large")  # tornado answers, then closes
         return self.inner.data_received(chunk)
 
