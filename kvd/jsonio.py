@@ -14,6 +14,7 @@ written back unchanged. Both paths refuse a number beyond a double's range
 from __future__ import annotations
 
 import json
+import math
 import re
 from decimal import Decimal
 from typing import Any
@@ -62,7 +63,7 @@ def _exact_number(text: str) -> float | orjson.Fragment:
     read it back as Infinity, which JSON cannot carry.
     """
     number = float(text)
-    if number in (float("inf"), float("-inf")):
+    if math.isinf(number):
         raise JSONError(f"number {text} is out of range")
     if Decimal(repr(number)) == Decimal(text):
         return number

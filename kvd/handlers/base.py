@@ -22,22 +22,20 @@ from kvd.errors import CODES_BY_STATUS, BadRequest, KvdError, NotFound, Unavaila
 log = logging.getLogger("kvd.app")
 
 JSON_TYPE = "application/json"
+UTF8_CHARSETS = (None, "utf-8", "utf8")  # kvd reads bodies as UTF-8 only (another charset: 415)
 
 
-def body_charset(content_type: str) -> str | None:
-    """The ``charset`` a Content-Type names, lower-cased and unquoted (None without one).
-
-    kvd reads bodies as UTF-8 only: another charset is refused (415), never
-    decoded as if it were UTF-8.
-    """
-    for parameter in content_type.split(";")[1:]:
+def media_type_and_charset(content_type: str) -> tuple[str, str | None]:
+    """A Content-Type's media type and ``charset`` (None without one), lower-cased and unquoted."""
+    media_type, *parameters = content_type.split(";")
+    charset = None
+    for parameter in parameters:
         name, _, value = parameter.partition("=")
         if name.strip().lower() == "charset":
-            return value.strip().strip('"').lower()
-    return None
+            charset = value.strip().strip('"').lower()
+    return media_type.strip().lower(), charset
 
 
-UTF8_CHARSETS = (None, "utf-8", "utf8")
 STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
 

@@ -28,9 +28,9 @@ from kvd.errors import KvdError
 from kvd.handlers.base import (
     JSON_TYPE,
     UTF8_CHARSETS,
-    body_charset,
     error_body,
     http_date,
+    media_type_and_charset,
     requested_key,
 )
 from kvd.handlers.keys import (
@@ -175,12 +175,8 @@ def writes_plainly(ctx: AppContext) -> bool:
 
 def is_json_write(content_type: str, conditional: bool) -> bool:
     """A JSON body without If-Match/If-None-Match: what the fast write paths take."""
-    media_type, _, parameters = content_type.partition(";")
-    return (
-        not conditional
-        and media_type.strip().lower() == JSON_TYPE
-        and (not parameters or body_charset(content_type) in UTF8_CHARSETS)
-    )
+    media_type, charset = media_type_and_charset(content_type)
+    return not conditional and media_type == JSON_TYPE and charset in UTF8_CHARSETS
 
 
 def is_plain_key_write(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:

@@ -37,7 +37,7 @@ from kvd.handlers.base import (
     UTF8_CHARSETS,
     WRITE,
     BaseHandler,
-    body_charset,
+    media_type_and_charset,
     requested_key,
 )
 from kvd.handlers.feed import parse_seq, retained_history
@@ -199,14 +199,12 @@ class KeysBodyHandler(BaseHandler):
 
         ``depth`` is how many levels the body adds above the values it holds.
         """
-        content_type = self.request.headers.get("Content-Type", "")
-        media_type = content_type.split(";", 1)[0].strip().lower()
+        media_type, charset = media_type_and_charset(self.request.headers.get("Content-Type", ""))
         if media_type not in media_types:
             raise UnsupportedMediaType(
                 f"body must be sent as {' or '.join(media_types)}, "
                 f"not {media_type or 'no content type'}"
             )
-        charset = body_charset(content_type)
         if charset not in UTF8_CHARSETS:
             raise UnsupportedMediaType(f"body must be UTF-8 JSON, not charset={charset}")
         return parse_json(self.request.body, depth)
