@@ -89,7 +89,9 @@ def parse_hot_request(
     if end < 0:
         # Tornado also ends a head at a bare LF's empty line (its \r?\n\r?\n), which
         # never holds HEAD_END: waiting for one would leave that request unanswered.
-        return False if b"\n\n" in buffer or b"\n\r\n" in buffer else None
+        # And it answers the 431 for a head over the limit, whole or not.
+        too_long = len(buffer) > max_head
+        return False if too_long or b"\n\n" in buffer or b"\n\r\n" in buffer else None
     if end + len(HEAD_END) > max_head:
         return False  # tornado answers the 431 (a head that came whole in one read, too)
     head = bytes(buffer[:end])
@@ -220,9 +222,7 @@ class WireConnection(asyncio.Protocol):
                 return
             parsed = parse_hot_request(self.buffer, limits.max_body_bytes, limits.max_header_bytes)
             if parsed is None:
-                if len(self.buffer) > limits.max_header_bytes:
-                    self.hand_over()  # tornado refuses the oversized head
-                return
+                return  # more bytes are needed to tell
             if parsed is False or not self.answer(parsed):
                 self.hand_over()
                 return
