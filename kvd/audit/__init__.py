@@ -138,7 +138,7 @@ def _run_action(
     except FileNotFoundError as exc:
         # A live server's compaction retired a file between listing and reading it.
         error(f"{exc.filename} went away while reading (a compaction ran?); run the command again")
-        return EXIT_INCONCLUSIVE if args.journal_command == "verify" else EXIT_FAILURE
+        return EXIT_FAILURE
     except BrokenPipeError:
         # Whoever read our output stopped (`kvd journal dump | head`): not worth a
         # traceback. Point stdout at /dev/null so the interpreter's final flush is quiet.

@@ -70,10 +70,6 @@ class Verification:
         return not self.damage
 
 
-class _FilesMoved(Exception):
-    """Compaction moved or deleted a file between listing and reading: start over."""
-
-
 def verify_directory(directory: Path, expect: ExpectedHead | None = None) -> Verification:
     """Check every retained record, segment boundary and snapshot of ``directory``.
 
@@ -86,7 +82,7 @@ def verify_directory(directory: Path, expect: ExpectedHead | None = None) -> Ver
     for attempt in range(MOVED_RETRIES):
         try:
             return _verify_once(directory, expect)
-        except _FilesMoved:
+        except FileNotFoundError:  # a file listed went away before it was read: compaction
             time.sleep(MOVED_BACKOFF_S * attempt)  # let a compaction in progress finish
     raise Inconclusive(
         f"files kept moving while verifying ({MOVED_RETRIES} tries; is compaction running "
@@ -126,8 +122,6 @@ def _check_snapshot_digests(
         except SnapshotCorrupt as exc:
             result.damage.append(Finding(str(path), None, seq, f"snapshot damaged: {exc.reason}"))
             continue
-        except FileNotFoundError:
-            raise _FilesMoved from None
         headers[seq] = header
         result.snapshots[seq] = "digest"
         progress.advance(file_size(path))
@@ -188,8 +182,6 @@ def _walk_chain(
         except JournalCorrupt as exc:
             result.damage.append(Finding(str(exc.path), exc.offset, exc.seq, exc.reason))
             return
-        except FileNotFoundError:
-            raise _FilesMoved from None
         last_seq, last_hash = reader.last_seq, reader.last_hash
         torn = reader.torn_tail
         if torn is not None:
@@ -296,11 +288,8 @@ def _settle_head(
 
 
 def _load_entries(path: Path) -> dict[str, Entry]:
-    try:
-        _, entries = read_snapshot(path)
-        return dict(entries)
-    except FileNotFoundError:
-        raise _FilesMoved from None
+    _, entries = read_snapshot(path)
+    return dict(entries)
 
 
 def _difference(replayed: dict[str, Entry], snapshot: dict[str, Entry]) -> str | None:
