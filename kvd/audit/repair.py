@@ -171,7 +171,9 @@ def _snapshot_head_or_records(
     assert chosen.snapshot is not None
     older = {path: header for path, header in intact.items() if path != chosen.snapshot}
     fallback = _fallback(layout, older, chosen.seq)
-    if fallback is not None and _reads_to_the_end(layout, fallback[0]):
+    if fallback is not None and _first_damage(
+        segments_from(layout.all_segments, fallback[0].seq + 1), fallback[0]
+    ) is None:  # and the records after the snapshot link on to the archive's
         base, restore = fallback
         plan.cuts.append(Cut(
             chosen.snapshot, 0, file_size(chosen.snapshot), None,
@@ -190,18 +192,19 @@ def _snapshot_head_or_records(
     return plan
 
 
-def _reads_to_the_end(layout: Layout, base: _Base) -> bool:
-    """Whether every record after ``base``, archived and live, checks out and links on."""
-    reader = JournalReader(
-        segments=segments_from(layout.all_segments, base.seq + 1), start_seq=base.seq + 1,
-        start_hash=base.head,
-    )
+def _first_damage(
+    segments: list[Path], base: _Base, *, through_base_only: bool = False
+) -> JournalCorrupt | None:
+    """What stops a read of ``segments`` after ``base`` (None: every record checks out),
+    or of the records up to the base's own seq only."""
+    reader = JournalReader(segments=segments, start_seq=base.seq + 1, start_hash=base.head)
     try:
         for _ in reader.records():
-            pass
-    except JournalCorrupt:
-        return False
-    return True
+            if through_base_only:
+                break  # the first record after the base: every one before it was checked
+    except JournalCorrupt as exc:
+        return exc
+    return None
 
 
 def _covered_cuts(covered: list[Path], segments: list[Path], base: _Base) -> list[Cut]:
@@ -214,18 +217,14 @@ def _covered_cuts(covered: list[Path], segments: list[Path], base: _Base) -> lis
     """
     if not covered:
         return []
-    reader = JournalReader(segments=covered + segments, start_seq=base.seq + 1, start_hash=base.head)
-    try:
-        for _ in reader.records():
-            break  # the first record after the base: every one before it was checked
-    except JournalCorrupt as exc:
-        if exc.seq <= base.seq:
-            reason = (
-                f"covered by the snapshot at seq {base.seq}; damaged at seq {exc.seq} "
-                f"in {exc.path.name}: {exc.reason}"
-            )
-            return [_cut(path, 0, None, reason) for path in covered]
-    return []
+    damage = _first_damage(covered + segments, base, through_base_only=True)
+    if damage is None or damage.seq > base.seq:
+        return []
+    reason = (
+        f"covered by the snapshot at seq {base.seq}; damaged at seq {damage.seq} "
+        f"in {damage.path.name}: {damage.reason}"
+    )
+    return [_cut(path, 0, None, reason) for path in covered]
 
 
 def _fallback(
