@@ -108,7 +108,8 @@ def build_context(config: Config, plugins: pluggy.PluginManager | None = None) -
         )
     else:
         journal = FileJournal(
-            config.data_dir, fsync=config.journal.fsync, on_synced=observe_sync, **common
+            config.data_dir, fsync=config.journal.fsync, seal_segments=config.journal.seal_segments,
+            on_synced=observe_sync, **common
         )
     store.attach(journal)
     ctx.journal = journal
@@ -179,6 +180,7 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
     # cyclic collector would only rescan them, again and again (about half of
     # the load time). Afterwards they are frozen out of its sight for good.
     gc.disable()
+    keep_large_blocks_mapped()
     opening = asyncio.ensure_future(journal.open(_log_progress))
     stop_waiter = asyncio.ensure_future(stopping.wait())
     try:
@@ -265,6 +267,25 @@ def release_free_memory() -> None:
     except (OSError, AttributeError):
         return
     trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default, fixed
+
+
+def keep_large_blocks_mapped() -> None:
+    """Have glibc map every block of 128 KiB or more on its own, returned to the OS on free.
+
+    By default glibc raises that threshold to the largest such block freed so
+    far (up to 32 MiB), so after replay has freed a few buffers of some MiB,
+    blocks that size come from the heap and stay resident when freed: about
+    20 MiB at the end of a replay of 1M records from seals. glibc only.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def _tls_context(certfile: str, keyfile: str) -> ssl.SSLContext | None:
