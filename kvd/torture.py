@@ -459,7 +459,7 @@ def verify_journal(data_dir: Path, env: dict[str, str]) -> Verification:
 def compaction_evidence(data_dir: Path) -> list[str]:
     """What a compaction cut short leaves on disk: a temp snapshot, an unretired segment or snapshot."""
     found = []
-    if any(path.name.endswith(".tmp") for path in data_dir.iterdir()):
+    if any(path.name.startswith("snapshot-") and path.name.endswith(".tmp") for path in data_dir.iterdir()):
         found.append("snapshot .tmp")
     snapshots = sorted(int(p.name[len("snapshot-"):-len(".jsonl")]) for p in data_dir.glob("snapshot-*.jsonl"))
     if len(snapshots) > 1:

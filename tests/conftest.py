@@ -65,7 +65,9 @@ def build_harness(data_dir: Path, **overrides: Any) -> Harness:
 
     Periodic tasks start only when an IOLoop runs (pytest-tornado tests).
     """
-    settings = {"journal.data_dir": str(data_dir)}
+    # No sealer processes unless a test asks: with small segments every roll would
+    # start one (tests/test_seal.py covers them).
+    settings: dict[str, Any] = {"journal.data_dir": str(data_dir), "journal.seal_segments": False}
     settings.update(overrides)
     config = load_config(None, environ={}, overrides=settings)
     ctx = build_context(config)

@@ -40,6 +40,8 @@ from tests_support import FakeClock
 from kvd import jsonio
 from kvd.errors import NotFound
 from kvd.log.format import format_ts, parse_ts
+from kvd.log.history import Layout
+from kvd.log.seal import write_seal
 from kvd.model import Change, Entry
 from kvd.plugins.filter import compile_pattern
 
@@ -287,6 +289,17 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.harness is not None
         assert self.harness.journal.last_seq == self.seq
         assert self.harness.journal.head_hash == head
+
+    @rule()
+    def reopen_from_seals(self) -> None:
+        """Seal every finished segment, as the server's sealer does, then reopen: the
+        store reads those segments from their seals and must come out the same."""
+        assert self.harness is not None
+        segments = Layout.scan(self.data_dir).segments
+        for segment in segments[:-1]:
+            write_seal(segment)
+        event("reopen from seals" if len(segments) > 1 else "reopen with no finished segment to seal")
+        self.reopen()
 
     # --- the checks ------------------------------------------------------------------
 

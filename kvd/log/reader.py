@@ -10,7 +10,7 @@ bad record should have had. The caller decides whether to cut or stop.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +25,7 @@ from kvd.log.format import (
 )
 from kvd.log.lines import line_blocks, line_start
 from kvd.log.scan_ahead import ScanAhead, plan_chunks
+from kvd.log.seal import PutRun, SealedRun, read_seal, seal_path
 from kvd.log.simple_puts import Run, SimplePuts, check_run, split_block
 
 _BLOCK_BYTES = 1024 * 1024  # read at a time; lines are split out of each block
@@ -112,27 +113,37 @@ class JournalReader:
         self.bytes_read = 0
         self.last_line: bytes | None = None  # the last good record's line, newline included
         self.helper_chunks = 0  # chunks a helper process checked (scan_ahead.py)
+        self.sealed: list[Path] = []  # segments whose runs came from their seals (seal.py)
+        self.unsealed: list[Path] = []  # finished segments read without one
 
     def records(self) -> Iterator[Record]:
         """Every record, fully decoded (what the audit tools and the history need)."""
         yield from self.items(simple_puts=False)  # type: ignore[misc]  # Records only
 
-    def items(self, *, simple_puts: bool = True) -> Iterator[Record | SimplePuts]:
-        """Records, with runs of simple puts as ``SimplePuts``.
+    def items(self, *, simple_puts: bool = True) -> Iterator[Record | PutRun]:
+        """Records, with runs of simple puts as ``SimplePuts`` (or ``SealedRun`` from a seal).
 
         Start-up replay takes this form: a simple put needs no Record, and
         recognising a block of them by their bytes is several times faster
         than decoding each (``simple_puts.py``); on a large journal a helper
         process checks the later part meanwhile (``scan_ahead.py``). Every
         check still runs: a run the fast path declines is decoded in full,
-        line by line.
+        line by line. A finished segment with a seal that still matches it is
+        read from the seal (``seal.py``), and the helper gets none of it.
         """
-        chunks = plan_chunks(self.segments) if simple_puts else []
+        sealed = {path for path in self.segments[:-1] if seal_path(path).exists()} if simple_puts else set()
+        chunks = plan_chunks([path for path in self.segments if path not in sealed]) if simple_puts else []
         ahead = ScanAhead(chunks) if chunks else None
         self.helper_chunks = len(chunks)
         try:
             for index, path in enumerate(self.segments):
                 is_last = index == len(self.segments) - 1
+                if path in sealed and (seal := read_seal(path)) is not None:
+                    yield from self._read_sealed(path, seal.pieces())
+                    del seal  # and its buffer (some MiB), before the next one is read
+                    continue
+                if simple_puts and not is_last:
+                    self.unsealed.append(path)
                 yield from self._read_segment(path, is_last, simple_puts, ahead)
         finally:
             if ahead is not None:
@@ -140,7 +151,7 @@ class JournalReader:
 
     def _read_segment(
         self, path: Path, is_last: bool, simple_puts: bool, ahead: ScanAhead | None
-    ) -> Iterator[Record | SimplePuts]:
+    ) -> Iterator[Record | PutRun]:
         handoff = ahead.first_start(path) if ahead is not None else None
         try:
             with open(path, "rb") as file:
@@ -154,21 +165,37 @@ class JournalReader:
                         offset = yield from self._read_range(file, path, offset, stop, is_last, simple_puts)
                         continue
                     assert scan.begin == offset, (scan.begin, offset)
-                    for piece in scan.pieces:
-                        if offset is None:
-                            return
-                        if isinstance(piece, SimplePuts) and self._take(piece):
-                            offset += piece.size
-                            self.bytes_read += piece.size
-                            yield piece
-                        else:
-                            size = piece if isinstance(piece, int) else piece.size
-                            offset = yield from self._read_range(
-                                file, path, offset, offset + size, is_last, simple_puts=False
-                            )
+                    offset = yield from self._read_pieces(file, path, offset, scan.pieces, is_last)
         finally:
             if ahead is not None:
                 ahead.drop(path)  # what a torn tail left unread, so the next segment starts clean
+
+    def _read_sealed(self, path: Path, pieces: Iterator[SealedRun | int]) -> Iterator[Record | PutRun]:
+        """A finished segment from its seal: the seal's runs, linked here, and the
+        lines between them decoded from the segment."""
+        with open(path, "rb") as file:
+            yield from self._read_pieces(file, path, 0, pieces, is_last=False)
+        self.sealed.append(path)
+
+    def _read_pieces(
+        self, file: BinaryIO, path: Path, offset: int | None, pieces: Iterable[PutRun | int],
+        is_last: bool,
+    ) -> Generator[Record | PutRun, None, int | None]:
+        """Checked runs (linked here before they are taken) and byte counts of lines to
+        decode in full, from ``offset`` on; returns where they end, as ``_read_range``."""
+        for piece in pieces:
+            if offset is None:
+                return None
+            if not isinstance(piece, int) and self._take(piece):
+                offset += piece.size
+                self.bytes_read += piece.size
+                yield piece
+            else:
+                size = piece if isinstance(piece, int) else piece.size
+                offset = yield from self._read_range(
+                    file, path, offset, offset + size, is_last, simple_puts=False
+                )
+        return offset
 
     def _read_range(
         self, file: BinaryIO, path: Path, offset: int, stop: int | None, is_last: bool,
@@ -203,7 +230,7 @@ class JournalReader:
                         yield record
         return offset
 
-    def _take(self, puts: SimplePuts) -> bool:
+    def _take(self, puts: PutRun) -> bool:
         """Whether the checked run continues the chain from a known record (and so is read)."""
         if self.last_hash is None or self.last_seq < self.start_seq - 1:
             return False  # records before start_seq, or the link back is not known

@@ -64,7 +64,7 @@ class ChunkScan:
     pieces: list[SimplePuts | int]
 
 
-def _scan(chunk: Chunk) -> ChunkScan:
+def scan_chunk(chunk: Chunk) -> ChunkScan:
     """Split and check one chunk's lines (in the helper): what the reader, alone,
     would do with them before it links each run to the record before."""
     pieces: list[SimplePuts | int] = []
@@ -262,7 +262,7 @@ def _helper_main(results: str) -> None:
     try:
         for number, line in enumerate(sys.stdin):
             start, stop, path = json.loads(line)
-            scan = _scan(Chunk(Path(path), start, stop))
+            scan = scan_chunk(Chunk(Path(path), start, stop))
             with open(directory / f"{number}.pickle", "wb") as out:
                 pickle.dump(scan, out, protocol=pickle.HIGHEST_PROTOCOL)
             sys.stdout.write(f"{number}\n")

@@ -24,8 +24,10 @@ from __future__ import annotations
 import binascii
 import hashlib
 import re
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from operator import methodcaller
+from operator import add, methodcaller
 
 import orjson
 
@@ -43,6 +45,10 @@ _SIMPLE_PUT = re.compile(
 _GROUPS = 7  # re.split puts these after each stretch of text between two matches
 _LINE_TAIL = len(b',"hash":"') + 64 + len(b'"}\n')  # each line's bytes after its hashed part
 _digest = methodcaller("digest")
+
+# A revision (the seq of the record that set the value), as the store keeps it
+# right after each value, and as a seal keeps a run's values (seal.py).
+REVISION = struct.Struct("<Q")
 
 
 @dataclass(slots=True)
@@ -68,6 +74,13 @@ class SimplePuts:
     def follows(self, seq: int, last_hash: str) -> bool:
         """Whether the run's first record is ``seq`` and chains to ``last_hash``."""
         return self.first_seq == seq and self.prev == last_hash.encode()
+
+    def entries(self) -> Iterator[tuple[list[str], Iterable[bytes]]]:
+        """What the run stores, as (keys, each value followed by its REVISION), in order;
+        a key may come more than once (the later wins). One batch here; a seal's runs
+        (seal.SealedRun) give theirs a few MiB at a time."""
+        revisions = map(REVISION.pack, range(self.first_seq, self.first_seq + len(self.keys)))
+        yield self.keys, map(add, self.values, revisions)
 
     def __reduce__(self) -> tuple:
         """Pickled as two joined columns (how the replay helper sends runs): two to three
