@@ -5,7 +5,11 @@
 For each key count it writes a journal of RECORDS put records with
 bench/make_journal.py (one key per record, ~100-byte values, keys cycling
 over KEYS names, first written in a random order unless --key-order sorted;
-KEYS = RECORDS makes every record a distinct key), then
+KEYS = RECORDS makes every record a distinct key) in segments of
+--segment-bytes (64 MiB, the server's default) and seals every finished
+segment as the server's sealer does (kvd/log/seal.py; --seals unsealed
+measures the same journal without seals, as after an upgrade, and both
+measures each), then
 REPEATS times copies it to a fresh data directory, starts
 ``kvd serve --port 0`` on it, pinned to each CPU set of --cpus in turn (by
 default both cores, where a helper process checks the journal's later part
@@ -59,6 +63,7 @@ from servers import BENCH_DIR, HOST, KVD_PATH_HELP, REPO_ROOT, Options, call
 REPLAY_TOOK = re.compile(rb"replay took ([0-9.]+)s")
 READY_POLL_S = 0.02
 HELPER_RSS = re.compile(rb"helper process checked [0-9]+ chunks .*peak RSS ([0-9]+) MiB")
+FROM_SEALS = re.compile(rb"replay: ([0-9]+) finished segments read from their seals")
 UNPINNED = "any"
 REPLAY_TARGET_S = 3.0  # per million records
 RSS_TARGET_RATIO = 2.5
@@ -97,7 +102,9 @@ def start_and_measure(data_dir: Path, opts: Options, timeout: float) -> dict:
         hwm, rss = running.memory_kib()
         found = REPLAY_TOOK.search(log.read_bytes())
         helper = HELPER_RSS.search(log.read_bytes())
+        sealed = FROM_SEALS.search(log.read_bytes())
         return {
+            "from_seals": int(sealed.group(1)) if sealed else 0,
             "listening_s": listening,
             "ready_s": ready,
             "replay_s": float(found.group(1)) if found else None,
@@ -176,31 +183,47 @@ def start_runs(args: argparse.Namespace, opts: Options, source: Path, work: Path
     return results
 
 
-def measure_variant(args: argparse.Namespace, opts: Options, keys: int, work: Path) -> dict:
+def measure_variants(args: argparse.Namespace, opts: Options, keys: int, work: Path) -> list[dict]:
+    """One journal over ``keys`` keys, started from as each of ``args.seal_modes`` says
+    (its snapshot once, with the first)."""
     pristine = work / f"journal-{keys}"
     print(f"writing {args.records} records over {keys} keys ...", file=sys.stderr, flush=True)
     written_at = time.monotonic()
-    size = make_journal(pristine, args.records, keys, shuffled=args.key_order == "random")
+    size = make_journal(pristine, args.records, keys, shuffled=args.key_order == "random",
+                        segment_bytes=args.segment_bytes or None, seal="sealed" in args.seal_modes)
     made = time.monotonic() - written_at
     live_keys, raw = live_bytes(pristine)
-    by_cpus = start_runs(args, opts, pristine, work, "journal", yardstick=True)
-    first = by_cpus[args.cpu_sets[0]]
-    variant = {
-        "records": args.records, "keys": keys, "journal_bytes": size, "journal_write_s": made,
-        "live_keys": live_keys, "live_bytes": raw, "median": first["median"], "runs": first["runs"],
-        "by_cpus": by_cpus,
-    }
+    variants = []
+    for mode in args.seal_modes:
+        if mode == "unsealed":
+            for seal in pristine.glob("*.seal"):
+                seal.unlink()
+        seals = len(list(pristine.glob("*.seal")))
+        by_cpus = start_runs(args, opts, pristine, work, f"journal ({mode})", yardstick=True)
+        first = by_cpus[args.cpu_sets[0]]
+        variants.append({
+            "records": args.records, "keys": keys, "journal_bytes": size, "journal_write_s": made,
+            "segments": len(list(pristine.glob("[0-9]*.jsonl"))), "seals": seals,
+            "live_keys": live_keys, "live_bytes": raw, "median": first["median"], "runs": first["runs"],
+            "by_cpus": by_cpus,
+        })
     if not args.no_snapshot:
         compacted = work / f"snapshot-{keys}"
         seconds = compact_copy(pristine, compacted)
         snapshot_bytes = sum(path.stat().st_size for path in compacted.iterdir() if path.is_file())
         by_cpus = start_runs(args, opts, compacted, work, "snapshot")
         first = by_cpus[args.cpu_sets[0]]
-        variant["snapshot"] = {"compact_s": seconds, "bytes": snapshot_bytes, "median": first["median"],
-                               "runs": first["runs"], "by_cpus": by_cpus}
+        variants[0]["snapshot"] = {"compact_s": seconds, "bytes": snapshot_bytes, "median": first["median"],
+                                   "runs": first["runs"], "by_cpus": by_cpus}
         shutil.rmtree(compacted, ignore_errors=True)
     shutil.rmtree(pristine, ignore_errors=True)
-    return variant
+    return variants
+
+
+def journal_label(variant: dict) -> str:
+    """How tables name a journal start: its records, and its seals."""
+    sealed = f", {variant['seals']} of {variant['segments']} segments sealed" if variant.get("seals") else ""
+    return f"{variant['records']} records{sealed}"
 
 
 def empty_baseline(opts: Options, work: Path, timeout: float) -> dict:
@@ -233,12 +256,19 @@ def main(argv: list[str] | None = None) -> int:
                              "journal's later part, then core 0, where kvd replays alone)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin kvd (one unpinned set)")
     parser.add_argument("--work-dir", type=Path, help="where journals go (default: temp)")
+    parser.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024,
+                        help="journal segment size, as the server's journal.segment_bytes "
+                             "(default 64 MiB; 0: one segment)")
+    parser.add_argument("--seals", choices=("sealed", "unsealed", "both"), default="sealed",
+                        help="start from the journal with its finished segments sealed, as a "
+                             "server leaves them (default), without seals, or both")
     parser.add_argument("--no-snapshot", action="store_true",
                         help="skip the start from a compacted copy (snapshot + empty tail)")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "replay.json")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     key_counts = [int(part) for part in args.keys.split(",") if part.strip()]
+    args.seal_modes = ["sealed", "unsealed"] if args.seals == "both" else [args.seals]
     pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
     args.cpu_sets = args.cpus.split("/") if pin else [UNPINNED]
     opts = Options(python=args.python, pin=("taskset", "-c", args.cpu_sets[0]) if pin else (),
@@ -252,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kvd-replay-", dir=args.work_dir))
     try:
         baseline = empty_baseline(opts, work, args.timeout)
-        variants = [measure_variant(args, opts, keys, work) for keys in key_counts]
+        variants = [variant for keys in key_counts for variant in measure_variants(args, opts, keys, work)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -282,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{replay * per_million:>8.2f} {f'{naive:.2f}' if naive else '-':>7} "
                   f"{m['rss_hwm_mib']:>8.1f} {ratio:>8.2f} {above_empty:>8.2f} "
                   f"{m['rss_mib'] / live_mib:>6.2f} {helper:>7}")
-            label = f"{variant['records']} records, {variant['keys']} keys, CPUs {cpus}"
+            label = f"{journal_label(variant)}, {variant['keys']} keys, CPUs {cpus}"
             for what, value, goal in (
                 ("replay (kvd's 'replay took') per 1M records", replay * per_million, REPLAY_TARGET_S),
                 ("start to /readyz 200 per 1M records", m["ready_s"] * per_million, REPLAY_TARGET_S),
@@ -322,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "machine": machine,
         "params": {"records": args.records, "keys": key_counts, "repeats": args.repeats,
-                   "key_order": args.key_order,
+                   "key_order": args.key_order, "segment_bytes": args.segment_bytes,
+                   "seals": args.seal_modes,
                    "cpu_sets": args.cpu_sets},
         "empty_store": baseline,
         "variants": variants,

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from replay import journal_label
 from servers import BENCH_DIR
 
 
@@ -61,7 +62,7 @@ def replay_tables(results: dict) -> str:
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for v in results["variants"]:
-        starts = [(f"{v['records'] / 1e6:g}M records", v["journal_bytes"], v)]
+        starts = [(journal_label(v), v["journal_bytes"], v)]
         if "snapshot" in v:
             starts.append(("snapshot of them", v["snapshot"]["bytes"], v["snapshot"]))
         for label, size, start in starts:

@@ -22,16 +22,22 @@ def test_bench_replay_smoke_measures_both_cpu_sets(tmp_path):
     results = tmp_path / "replay.json"
     run = subprocess.run(
         [sys.executable, "bench/replay.py", "--records", "20000", "--keys", "5000", "--repeats", "1",
-         "--cpus", "0-1/0", "--json", str(results)],
+         "--cpus", "0-1/0", "--segment-bytes", str(1 << 20), "--seals", "both", "--json", str(results)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "targets:" in run.stdout and "CPUs 0-1" in run.stdout and "CPUs 0:" in run.stdout
     data = json.loads(results.read_text())
     assert data["params"]["cpu_sets"] == ["0-1", "0"]
-    [variant] = data["variants"]
+    variant, unsealed = data["variants"]  # the same journal: with seals, then without
+    assert variant["segments"] == unsealed["segments"] == 7 and (variant["seals"], unsealed["seals"]) == (6, 0)
+    assert "6 of 7 segments sealed" in run.stdout
+    for result in variant["by_cpus"].values():  # start-up read every finished segment from its seal
+        assert [start["from_seals"] for start in result["runs"]] == [6]
+    for result in unsealed["by_cpus"].values():
+        assert [start["from_seals"] for start in result["runs"]] == [0]
     assert variant["live_keys"] == 5000
-    for where in (variant, variant["snapshot"]):
+    for where in (variant, variant["snapshot"], unsealed):
         assert set(where["by_cpus"]) == {"0-1", "0"}
         for result in where["by_cpus"].values():
             [only] = result["runs"]
@@ -40,7 +46,7 @@ def test_bench_replay_smoke_measures_both_cpu_sets(tmp_path):
     for result in variant["by_cpus"].values():  # the same-run yardstick, and kvd against it
         assert result["naive_s"] > 0 and result["ratios"]["replay_over_naive"] > 0
     assert "x naive" in run.stdout
-    assert len(data["targets"]) == 2 * 3 + 2 * 2
+    assert len(data["targets"]) == 2 * (2 * 3) + 2 * 2
     after = committed.read_bytes() if committed.exists() else None
     assert after == committed_before
 
