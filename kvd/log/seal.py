@@ -75,8 +75,8 @@ def seal_path(segment: Path) -> Path:
 def segment_crc(segment: Path, size: int) -> int | None:
     """CRC-32 of the segment's first ``size`` bytes; None when it is shorter.
 
-    Into one reused buffer, a few MiB at a time: the read and the CRC let go of
-    the GIL, and are done on a thread during replay (reader.JournalReader.items).
+    Into one buffer, a few MiB at a time: a new bytes object per read would
+    leave free but resident memory behind at start-up.
     """
     crc, left = 0, size
     buffer = memoryview(bytearray(_CRC_READ_BYTES))
