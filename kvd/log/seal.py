@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -272,28 +272,36 @@ def write_seal(segment: Path) -> Path:
 
     A stretch of the segment (RUN_BYTES) at a time, each run within one, so
     the process holds one stretch's puts at once (a whole 64 MiB segment's
-    took 150 MiB). The payload goes to a temporary file first: the header,
-    which comes before it, is known only at the end.
+    took 150 MiB).
     """
     size = segment.stat().st_size
     crc = segment_crc(segment, size)
-    target = seal_path(segment)
+
+    def runs(payload: BinaryIO) -> dict:
+        pieces = [
+            _write_run(payload, piece) if isinstance(piece, SimplePuts) else piece
+            for start in range(0, size, RUN_BYTES)
+            for piece in _joined(scan_chunk(Chunk(segment, start, min(start + RUN_BYTES, size))).pieces)
+        ]
+        return {"segment": segment.name, "size": size, "crc32": crc, "pieces": pieces}
+
+    return _write_file(seal_path(segment), runs)
+
+
+def _write_file(target: Path, write_payload: Callable[[BinaryIO], dict]) -> Path:
+    """Write a seal: ``write_payload`` writes the payload and returns the header. The
+    payload goes to a temporary file first, since the header comes before it."""
     temp, payload_temp = (target.with_name(target.name + suffix) for suffix in (TEMP_SUFFIX, ".payload" + TEMP_SUFFIX))
     try:
         with open(payload_temp, "w+b") as payload:
-            pieces = [
-                _write_run(payload, piece) if isinstance(piece, SimplePuts) else piece
-                for start in range(0, size, RUN_BYTES)
-                for piece in _joined(scan_chunk(Chunk(segment, start, min(start + RUN_BYTES, size))).pieces)
-            ]
-            header = orjson.dumps({"segment": segment.name, "size": size, "crc32": crc, "pieces": pieces}) + b"\n"
-            payload_crc = zlib.crc32(header)
+            header = orjson.dumps(write_payload(payload)) + b"\n"
+            crc = zlib.crc32(header)
             payload.seek(0)
             while block := payload.read(_CRC_READ_BYTES):
-                payload_crc = zlib.crc32(block, payload_crc)
+                crc = zlib.crc32(block, crc)
             payload.seek(0)
             with open(temp, "wb") as out:
-                out.write(_MAGIC + b"%08x\n" % payload_crc + header)
+                out.write(_MAGIC + b"%08x\n" % crc + header)
                 shutil.copyfileobj(payload, out)
                 out.flush()
                 os.fsync(out.fileno())
@@ -301,7 +309,7 @@ def write_seal(segment: Path) -> Path:
     finally:
         payload_temp.unlink(missing_ok=True)
         temp.unlink(missing_ok=True)  # a full disk, say: nothing half-written is left
-    fsync_directory(segment.parent)
+    fsync_directory(target.parent)
     return target
 
 
