@@ -15,7 +15,8 @@ pristine directory. Each copy is checked twice:
 
 A flip that start-up accepts with a different state is a silent change and
 fails the test. Flips in seals (kvd/log/seal.py, caches that verify does not
-read) must change nothing: start-up ignores the seal and reads its segment. The final newline of the last record (a flip there once
+read) must change nothing: start-up ignores the seal and reads its segment
+or snapshot. The final newline of the last record (a flip there once
 passed for a torn tail) is always in the sample, and has a test of its own
 for all eight bits. A few damaged copies of each kind of file are then
 repaired with ``kvd journal repair``: the store opens with every record
@@ -48,7 +49,7 @@ from kvd.config import load_config
 from kvd.log import scan_ahead
 from kvd.log.history import ARCHIVE_DIR, QUARANTINE_DIR, Layout
 from kvd.log.reader import JournalCorrupt
-from kvd.log.seal import SEAL_SUFFIX, seal_path, write_seal
+from kvd.log.seal import SEAL_SUFFIX, seal_path, write_seal, write_snapshot_seal
 from kvd.log.snapshot import SnapshotCorrupt
 from kvd.model import Change, Entry
 from kvd.server import build_context
@@ -146,8 +147,11 @@ def build_pristine(data_dir: Path) -> Pristine:
         return head
 
     head = asyncio.run(run())
-    for segment in Layout.scan(data_dir).segments[:-1]:
+    layout = Layout.scan(data_dir)
+    for segment in layout.segments[:-1]:
         write_seal(segment)  # as the server's sealer does once a segment is finished
+    for snapshot in layout.snapshots:
+        write_snapshot_seal(snapshot)  # ... and once a compaction has written a snapshot
     seq_at: dict[str, list[tuple[int, int]]] = {}
     for path in Layout.scan(data_dir).all_segments:
         end, lines = 0, []
@@ -166,7 +170,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
     assert len(layout.segments) >= 2 and len(layout.snapshots) == 1
     assert len(layout.archived_segments) >= 4 and len(layout.archived_snapshots) == 1
     assert all(path.stat().st_size > 0 for path in layout.segments)  # the last one too
-    assert all(seal_path(path).exists() for path in layout.segments[:-1])
+    assert all(seal_path(path).exists() for path in layout.segments[:-1] + layout.snapshots)
     return built
 
 

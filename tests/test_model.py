@@ -41,7 +41,7 @@ from kvd import jsonio
 from kvd.errors import NotFound
 from kvd.log.format import format_ts, parse_ts
 from kvd.log.history import Layout
-from kvd.log.seal import write_seal
+from kvd.log.seal import write_seal, write_snapshot_seal
 from kvd.model import Change, Entry
 from kvd.plugins.filter import compile_pattern
 
@@ -292,12 +292,15 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule()
     def reopen_from_seals(self) -> None:
-        """Seal every finished segment, as the server's sealer does, then reopen: the
-        store reads those segments from their seals and must come out the same."""
+        """Seal every finished segment and the snapshot, as the server's sealer does,
+        then reopen: the store reads them from their seals and must come out the same."""
         assert self.harness is not None
-        segments = Layout.scan(self.data_dir).segments
+        layout = Layout.scan(self.data_dir)
+        segments = layout.segments
         for segment in segments[:-1]:
             write_seal(segment)
+        for snapshot in layout.snapshots:
+            write_snapshot_seal(snapshot)
         event("reopen from seals" if len(segments) > 1 else "reopen with no finished segment to seal")
         self.reopen()
 

@@ -25,7 +25,8 @@ from test_startup import child_pids, command_line
 from kvd import jsonio
 from kvd.config import load_config
 from kvd.log.reader import JournalCorrupt
-from kvd.log.seal import seal_path, write_seal
+from kvd.log.seal import seal_path, write_seal, write_snapshot_seal
+from kvd.log.snapshot import SnapshotCorrupt
 from kvd.model import Change
 from kvd.server import build_context
 from kvd.store import sorted_list_of
@@ -241,6 +242,79 @@ def test_the_index_falls_back_to_sorting_when_replay_stored_a_key_twice(sealed, 
     assert loaded["index"] == sorted(loaded["entries"])
 
 
+# --- snapshots ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compacted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A snapshot (keys with an expiry among them, one with a newline), sealed, and records after it."""
+    data_dir = tmp_path_factory.mktemp("compacted") / "data"
+    write_journal(data_dir, rounds=2)
+
+    async def compact_then_write() -> None:
+        harness = build_harness(data_dir, **{"journal.segment_bytes": SEGMENT_BYTES})
+        harness.ctx.stop_periodic_tasks()
+        await harness.store.write(Change(op="put", set={"line\nbreak": b'"x"'}))
+        await harness.ctx.compactor.compact()
+        await harness.store.write(Change(op="put", set={"after": b"1"}))
+        await harness.journal.close()
+
+    asyncio.run(compact_then_write())
+    [snapshot] = data_dir.glob("snapshot-*.jsonl")
+    write_snapshot_seal(snapshot)
+    return data_dir
+
+
+def test_start_up_from_a_sealed_snapshot_loads_what_the_snapshot_gives(compacted, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="kvd.journal"):
+        from_seal = start_up(copy_of(compacted, tmp_path))
+    [snapshot] = compacted.glob("snapshot-*.jsonl")
+    assert f"replay: {snapshot.name} loaded from its seal" in caplog.text
+    from_snapshot = start_up(without_seals(compacted, tmp_path / "plain"))
+    assert from_seal == from_snapshot
+    entries = from_seal["entries"]
+    assert entries["exp"].expires_at == 4_100_000_000.0 and "line\nbreak" in entries and "after" in entries
+
+
+@pytest.mark.parametrize("where", ["header", "payload", "last byte"])
+def test_a_damaged_snapshot_seal_is_ignored(compacted, tmp_path, caplog, where):
+    data_dir = copy_of(compacted, tmp_path)
+    [seal] = data_dir.glob("snapshot-*.seal")
+    data = bytearray(seal.read_bytes())
+    header_end = data.index(b"\n", data.index(b"\n") + 1)
+    data[{"header": header_end - 5, "payload": header_end + 30, "last byte": len(data) - 1}[where]] ^= 0x04
+    seal.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO):
+        loaded = start_up(data_dir)
+    assert "ignoring the seal of snapshot-" in caplog.text and "loaded from its seal" not in caplog.text
+    assert loaded == start_up(without_seals(compacted, tmp_path / "plain"))
+
+
+def test_a_sealed_snapshot_changed_since_stops_start_up_as_without_the_seal(compacted, tmp_path, caplog):
+    data_dir = copy_of(compacted, tmp_path)
+    [snapshot] = data_dir.glob("snapshot-*.jsonl")
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    snapshot.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorrupt) as without:
+        start_up(without_seals(data_dir, tmp_path / "plain"))
+    with caplog.at_level(logging.WARNING), pytest.raises(SnapshotCorrupt) as with_seal:
+        start_up(data_dir)
+    assert f"{snapshot.name} changed since it was sealed" in caplog.text
+    assert with_seal.value.reason == without.value.reason
+
+
+def test_a_damaged_snapshot_gets_no_seal(compacted, tmp_path):
+    data_dir = without_seals(compacted, tmp_path / "plain")
+    [snapshot] = data_dir.glob("snapshot-*.jsonl")
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    snapshot.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorrupt):
+        write_snapshot_seal(snapshot)
+    assert sorted(path.name for path in data_dir.iterdir() if "seal" in path.name) == []
+
+
 # --- the server ------------------------------------------------------------------------
 
 
@@ -280,6 +354,29 @@ def test_the_server_seals_what_it_rolls_and_starts_from_the_seals(kvd_process, t
     for key, value in values.items():
         assert restarted.get_key(key).json() == {key: value}
     assert restarted.kill(signal.SIGTERM) == 0
+
+
+@pytest.mark.slow
+def test_the_server_seals_the_snapshot_a_compaction_writes(kvd_process, tmp_path):
+    data_dir = tmp_path / "data"
+    env = {"KVD_JOURNAL_SEGMENT_BYTES": "4096"}
+    server = kvd_process(data_dir=data_dir, env=env)
+    for n in range(100):
+        assert server.request("PUT", f"/keys/key{n:03d}", {"n": n}).status in (200, 201)
+    assert server.request("POST", "/journal/compact").status == 200
+    [snapshot] = data_dir.glob("snapshot-*.jsonl")
+    wait_for(lambda: seal_path(snapshot).exists())
+    for n in range(100):  # overwrite everything, compact again: the old snapshot goes, and its seal
+        assert server.request("PUT", f"/keys/key{n:03d}", {"n": -n}).status in (200, 201)
+    assert server.request("POST", "/journal/compact").status == 200
+    [newer] = data_dir.glob("snapshot-*.jsonl")
+    assert newer != snapshot and not seal_path(snapshot).exists()
+    wait_for(lambda: seal_path(newer).exists())
+    assert server.kill(signal.SIGTERM) == 0
+
+    restarted = kvd_process(data_dir=data_dir, env=env)
+    assert f"replay: {newer.name} loaded from its seal" in restarted.log()
+    assert restarted.get_key("key042").json() == {"key042": {"n": -42}}
 
 
 @pytest.mark.slow

@@ -43,13 +43,14 @@ from kvd.log.format import (
 from kvd.log.history import ARCHIVE_DIR, History, Layout
 from kvd.log.journal import Journal, JournalStats, JournalUnavailable
 from kvd.log.reader import CHAIN_BROKEN, JournalCorrupt, JournalReader, segment_first_seq
-from kvd.log.seal import PutRun, Sealer, remove_orphan_seals, seal_path
+from kvd.log.seal import PutRun, Sealer, read_snapshot_seal, remove_orphan_seals, seal_path
 from kvd.log.snapshot import (
     TEMP_SUFFIX,
     EntryBatch,
     SnapshotHeader,
     fsync_directory,
     read_snapshot_batches,
+    snapshot_name,
     snapshot_seq,
     write_snapshot,
 )
@@ -188,8 +189,11 @@ class FileJournal(Journal):
         layout = Layout.scan(self.directory)
         start_seq, start_hash = 1, GENESIS_HASH
         base = layout.base_snapshot
+        base_sealed = False
         if base is not None:
-            header, batches = read_snapshot_batches(base)
+            from_seal = read_snapshot_seal(base)
+            base_sealed = from_seal is not None
+            header, batches = from_seal or read_snapshot_batches(base)
             for batch in batches:
                 self.on_restore(batch)
             start_seq, start_hash = header.seq + 1, header.head
@@ -229,6 +233,8 @@ class FileJournal(Journal):
                 "(its peak RSS %d MiB)", reader.helper_chunks,
                 resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
             )
+        if base_sealed:
+            log.info("replay: %s loaded from its seal", base.name)  # type: ignore[union-attr]
         if reader.sealed:
             log.info("replay: %d finished segments read from their seals", len(reader.sealed))
         if reader.torn_tail is not None:
@@ -253,7 +259,8 @@ class FileJournal(Journal):
         self.stats.segments = len(layout.segments)
         self.stats.bytes = layout.total_bytes()
         self.stats.replay_seconds = time.monotonic() - started
-        self._seal([path for path in reader.unsealed if path in layout.segments[:-1]])
+        unsealed_base = [base] if base is not None and not base_sealed and base in layout.snapshots else []
+        self._seal(unsealed_base + [path for path in reader.unsealed if path in layout.segments[:-1]])
         if progress is not None:
             progress(total, total)
 
@@ -586,6 +593,7 @@ class FileJournal(Journal):
         loop = asyncio.get_running_loop()
         retired, removed = await loop.run_in_executor(self._io, self._retire, limit, through_seq)
         self._snapshot_seq = max(self._snapshot_seq, through_seq)
+        self._seal([self.directory / snapshot_name(through_seq)])  # the snapshot just written
         self.stats.segments -= retired
         self.stats.bytes -= removed
         return retired, removed
@@ -607,6 +615,7 @@ class FileJournal(Journal):
         for path in layout.snapshots:
             if snapshot_seq(path) < snapshot_seq_:
                 removed += path.stat().st_size
+                seal_path(path).unlink(missing_ok=True)
                 self._retire_file(path)
                 faults.crash_point("snapshot-retired")
         return retired, removed

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,15 @@ import orjson
 from kvd.log.format import SEGMENT_SUFFIX
 from kvd.log.scan_ahead import Chunk, scan_chunk
 from kvd.log.simple_puts import REVISION, SimplePuts
-from kvd.log.snapshot import TEMP_SUFFIX, fsync_directory
+from kvd.log.snapshot import (
+    SNAPSHOT_PREFIX,
+    TEMP_SUFFIX,
+    EntryBatch,
+    SnapshotCorrupt,
+    SnapshotHeader,
+    fsync_directory,
+    read_snapshot_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +166,8 @@ class _Buffer:
     zeroing and page faults (0.2 s for 1M records).
     """
 
-    def __init__(self, pieces: list) -> None:
-        sizes = (batch[3] for piece in pieces if not isinstance(piece, int) for batch in RunEntry(*piece).batches)
-        self._view = memoryview(bytearray(max(sizes, default=0)))
+    def __init__(self, size: int) -> None:
+        self._view = memoryview(bytearray(size))
 
     def read(self, file: BinaryIO, size: int) -> memoryview:
         """The next ``size`` bytes of ``file``, valid until the next read."""
@@ -216,7 +224,8 @@ def read_seal(segment: Path) -> Seal | None:
             header_line = file.readline()
             header = orjson.loads(header_line)
             payload_start = file.tell()
-            values_buffer = _Buffer(header["pieces"])
+            sizes = (batch[3] for piece in header["pieces"] if not isinstance(piece, int) for batch in piece[6])
+            values_buffer = _Buffer(max(sizes, default=0))
             if _check_payload(file, header, zlib.crc32(header_line), values_buffer) != int(first[len(_MAGIC) :], 16):
                 raise ValueError("damaged")
             if header["segment"] != segment.name:
@@ -357,6 +366,125 @@ def _joined(pieces: list[SimplePuts | int]) -> Iterator[SimplePuts | int]:
         yield current
 
 
+# --- snapshots ----------------------------------------------------------------------
+
+
+class SnapshotBatchEntry(NamedTuple):
+    """One batch of a snapshot's seal; its columns follow in this order."""
+
+    keys: int
+    keys_size: int  # the keys as a JSON array (a snapshot's keys may hold anything)
+    format_size: int  # a struct format of the values' lengths, ASCII
+    values_size: int  # the values' compact JSON, one after another
+    revisions_size: int  # 8-byte little-endian revisions
+    expiries_size: int  # a JSON array of expiry times or nulls; empty when no key has one
+
+
+def write_snapshot_seal(snapshot: Path) -> Path:
+    """Read a snapshot, checking its digest, and seal it (in the sealer process):
+    its entries in the batches start-up restores, without a line to parse."""
+    size = snapshot.stat().st_size
+    crc = segment_crc(snapshot, size)
+
+    def batches(payload: BinaryIO) -> dict:
+        header, entries = read_snapshot_batches(snapshot)  # raises at the end if the digest differs
+        written = []
+        for batch in entries:
+            revisions = array("Q", batch.revisions)
+            if sys.byteorder == "big":
+                revisions.byteswap()
+            columns = [
+                orjson.dumps(batch.keys), "".join(map("{}s".format, map(len, batch.values))).encode(),
+                b"".join(batch.values), revisions.tobytes(),
+                orjson.dumps(batch.expiries) if batch.expiries is not None else b"",
+            ]
+            for column in columns:
+                payload.write(column)
+            written.append(list(SnapshotBatchEntry(len(batch), *map(len, columns))))
+        return {
+            "snapshot": snapshot.name, "size": size, "crc32": crc,
+            "header": [header.seq, header.ts, header.head, header.keys], "batches": written,
+        }
+
+    return _write_file(seal_path(snapshot), batches)
+
+
+def read_snapshot_seal(snapshot: Path) -> tuple[SnapshotHeader, Iterator[EntryBatch]] | None:
+    """The snapshot's header and entries from its seal, when the seal is whole and the
+    snapshot still has the size and CRC-32 it recorded; else None (load the snapshot)."""
+    path = seal_path(snapshot)
+    try:
+        with open(path, "rb") as file:
+            first = file.readline()
+            if not first.startswith(_MAGIC):
+                raise ValueError("not a seal")
+            header_line = file.readline()
+            header = orjson.loads(header_line)
+            payload_start = file.tell()
+            batches = [SnapshotBatchEntry(*batch) for batch in header["batches"]]
+            values_buffer = _Buffer(max((batch.values_size for batch in batches), default=0))
+            crc = zlib.crc32(header_line)
+            for batch in batches:
+                crc = _check_snapshot_batch(file, batch, values_buffer, crc)
+            if file.read(1) or crc != int(first[len(_MAGIC) :], 16):
+                raise ValueError("damaged")
+            if header["snapshot"] != snapshot.name or sum(batch.keys for batch in batches) != header["header"][3]:
+                raise ValueError("it describes another snapshot")
+        if snapshot.stat().st_size != header["size"] or segment_crc(snapshot, header["size"]) != header["crc32"]:
+            log.warning("%s changed since it was sealed: loading it in full", snapshot.name)
+            return None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read the seal of %s (%s): loading the snapshot itself", snapshot.name, exc)
+        return None
+    except (ValueError, KeyError, TypeError, IndexError, struct.error, orjson.JSONDecodeError) as exc:
+        log.warning("ignoring the seal of %s (%s): loading the snapshot itself", snapshot.name, exc)
+        return None
+    seq, ts, head, keys = header["header"]
+
+    def entries() -> Iterator[EntryBatch]:
+        with open(path, "rb") as file:
+            file.seek(payload_start)
+            for batch in batches:
+                keys = orjson.loads(file.read(batch.keys_size))
+                values_format = file.read(batch.format_size)
+                values = struct.Struct(values_format).unpack(values_buffer.read(file, batch.values_size))
+                revisions = _revisions(file.read(batch.revisions_size))
+                expiries = orjson.loads(file.read(batch.expiries_size)) if batch.expiries_size else None
+                yield EntryBatch(keys, values, revisions, expiries)
+
+    return SnapshotHeader(seq, ts, head, keys), entries()
+
+
+def _check_snapshot_batch(file: BinaryIO, batch: SnapshotBatchEntry, values_buffer: _Buffer, crc: int) -> int:
+    """That a batch's columns hold its count of entries (ValueError if not); returns the
+    CRC-32 continued over them."""
+    keys, values_format = file.read(batch.keys_size), file.read(batch.format_size)
+    values = values_buffer.read(file, batch.values_size)
+    revisions, expiries = file.read(batch.revisions_size), file.read(batch.expiries_size)
+    if (
+        len(keys) != batch.keys_size or len(orjson.loads(keys)) != batch.keys
+        or len(values_format) != batch.format_size
+        or values_format.translate(None, b"0123456789s") or values_format.count(b"s") != batch.keys
+        or struct.Struct(values_format).size != batch.values_size
+        or len(revisions) != 8 * batch.keys
+        or len(expiries) != batch.expiries_size or (expiries and len(orjson.loads(expiries)) != batch.keys)
+    ):
+        raise ValueError(f"a batch of {batch.keys} entries does not hold them")
+    for column in (keys, values_format, values, revisions, expiries):
+        crc = zlib.crc32(column, crc)
+    return crc
+
+
+def _revisions(data: bytes) -> array:
+    revisions = array("Q")
+    revisions.frombytes(data)
+    if sys.byteorder == "big":
+        revisions.byteswap()
+    return revisions
+
+
 def remove_orphan_seals(directory: Path) -> None:
     """Seals whose segment is gone (retired while its sealer ran, or moved by repair)."""
     for name in os.listdir(directory):
@@ -438,9 +566,10 @@ def _sealer_main(segments: list[str]) -> None:
     os.nice(SEALER_NICE)
     gc.disable()  # it builds many objects and keeps none between segments
     for name in segments:
+        path = Path(name)
         try:
-            write_seal(Path(name))
+            write_snapshot_seal(path) if path.name.startswith(SNAPSHOT_PREFIX) else write_seal(path)
         except FileNotFoundError:
             pass  # retired meanwhile by a compaction
-        except OSError as exc:  # a full disk, say: start-up reads the segment in full
+        except (OSError, SnapshotCorrupt) as exc:  # a full disk, say: start-up reads it in full
             print(f"kvd sealer: {name}: {exc}", file=sys.stderr)
