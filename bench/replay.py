@@ -60,10 +60,13 @@ from naive_replay import naive_replay
 from run import machine_info
 from servers import BENCH_DIR, HOST, KVD_PATH_HELP, REPO_ROOT, Options, call
 
+from kvd.log.seal import write_snapshot_seal
+
 REPLAY_TOOK = re.compile(rb"replay took ([0-9.]+)s")
 READY_POLL_S = 0.02
 HELPER_RSS = re.compile(rb"helper process checked [0-9]+ chunks .*peak RSS ([0-9]+) MiB")
 FROM_SEALS = re.compile(rb"replay: ([0-9]+) finished segments read from their seals")
+SNAPSHOT_FROM_SEAL = re.compile(rb"replay: snapshot-[0-9]+\.jsonl loaded from its seal")
 UNPINNED = "any"
 REPLAY_TARGET_S = 3.0  # per million records
 RSS_TARGET_RATIO = 2.5
@@ -105,6 +108,7 @@ def start_and_measure(data_dir: Path, opts: Options, timeout: float) -> dict:
         sealed = FROM_SEALS.search(log.read_bytes())
         return {
             "from_seals": int(sealed.group(1)) if sealed else 0,
+            "snapshot_from_seal": SNAPSHOT_FROM_SEAL.search(log.read_bytes()) is not None,
             "listening_s": listening,
             "ready_s": ready,
             "replay_s": float(found.group(1)) if found else None,
@@ -184,8 +188,8 @@ def start_runs(args: argparse.Namespace, opts: Options, source: Path, work: Path
 
 
 def measure_variants(args: argparse.Namespace, opts: Options, keys: int, work: Path) -> list[dict]:
-    """One journal over ``keys`` keys, started from as each of ``args.seal_modes`` says
-    (its snapshot once, with the first)."""
+    """One journal over ``keys`` keys, and its compacted copy, started from as each of
+    ``args.seal_modes`` says: with the seals a server leaves, or without."""
     pristine = work / f"journal-{keys}"
     print(f"writing {args.records} records over {keys} keys ...", file=sys.stderr, flush=True)
     written_at = time.monotonic()
@@ -193,29 +197,34 @@ def measure_variants(args: argparse.Namespace, opts: Options, keys: int, work: P
                         segment_bytes=args.segment_bytes or None, seal="sealed" in args.seal_modes)
     made = time.monotonic() - written_at
     live_keys, raw = live_bytes(pristine)
+    compacted = work / f"snapshot-{keys}"
+    compact_seconds = None if args.no_snapshot else compact_copy(pristine, compacted)
     variants = []
     for mode in args.seal_modes:
         if mode == "unsealed":
-            for seal in pristine.glob("*.seal"):
+            for seal in [*pristine.glob("*.seal"), *compacted.glob("*.seal")]:
                 seal.unlink()
         seals = len(list(pristine.glob("*.seal")))
         by_cpus = start_runs(args, opts, pristine, work, f"journal ({mode})", yardstick=True)
         first = by_cpus[args.cpu_sets[0]]
-        variants.append({
+        variant = {
             "records": args.records, "keys": keys, "journal_bytes": size, "journal_write_s": made,
             "segments": len(list(pristine.glob("[0-9]*.jsonl"))), "seals": seals,
             "live_keys": live_keys, "live_bytes": raw, "median": first["median"], "runs": first["runs"],
             "by_cpus": by_cpus,
-        })
-    if not args.no_snapshot:
-        compacted = work / f"snapshot-{keys}"
-        seconds = compact_copy(pristine, compacted)
-        snapshot_bytes = sum(path.stat().st_size for path in compacted.iterdir() if path.is_file())
-        by_cpus = start_runs(args, opts, compacted, work, "snapshot")
-        first = by_cpus[args.cpu_sets[0]]
-        variants[0]["snapshot"] = {"compact_s": seconds, "bytes": snapshot_bytes, "median": first["median"],
-                                   "runs": first["runs"], "by_cpus": by_cpus}
-        shutil.rmtree(compacted, ignore_errors=True)
+        }
+        if compact_seconds is not None:
+            [snapshot] = compacted.glob("snapshot-*.jsonl")
+            if mode == "sealed":
+                write_snapshot_seal(snapshot)  # as the server's sealer does after a compaction
+            by_cpus = start_runs(args, opts, compacted, work, f"snapshot ({mode})")
+            first = by_cpus[args.cpu_sets[0]]
+            variant["snapshot"] = {
+                "compact_s": compact_seconds, "bytes": snapshot.stat().st_size, "sealed": mode == "sealed",
+                "median": first["median"], "runs": first["runs"], "by_cpus": by_cpus,
+            }
+        variants.append(variant)
+    shutil.rmtree(compacted, ignore_errors=True)
     shutil.rmtree(pristine, ignore_errors=True)
     return variants
 
@@ -334,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sm['rss_mib'] / live_mib:>6.2f} {'-':>7}")
             result["ratios"] = {"load_s_per_million_keys": s_replay * 1_000_000 / variant["keys"],
                                 "rss_over_live": s_ratio}
-            label = f"snapshot of {variant['keys']} keys, CPUs {cpus}"
+            label = f"snapshot{' (sealed)' if snapshot['sealed'] else ''} of {variant['keys']} keys, CPUs {cpus}"
             targets.append(target_row(label, "load (kvd's 'replay took') per 1M keys",
                                       result["ratios"]["load_s_per_million_keys"], REPLAY_TARGET_S))
             targets.append(target_row(label, "peak RSS / raw live data",

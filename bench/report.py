@@ -64,7 +64,7 @@ def replay_tables(results: dict) -> str:
     for v in results["variants"]:
         starts = [(journal_label(v), v["journal_bytes"], v)]
         if "snapshot" in v:
-            starts.append(("snapshot of them", v["snapshot"]["bytes"], v["snapshot"]))
+            starts.append((f"snapshot of them{', sealed' if v['snapshot'].get('sealed') else ''}", v["snapshot"]["bytes"], v["snapshot"]))
         for label, size, start in starts:
             by_cpus = start.get("by_cpus") or {"-": {"median": start["median"]}}
             for cpus, result in by_cpus.items():

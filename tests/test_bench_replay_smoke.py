@@ -37,7 +37,11 @@ def test_bench_replay_smoke_measures_both_cpu_sets(tmp_path):
     for result in unsealed["by_cpus"].values():
         assert [start["from_seals"] for start in result["runs"]] == [0]
     assert variant["live_keys"] == 5000
-    for where in (variant, variant["snapshot"], unsealed):
+    assert variant["snapshot"]["sealed"] and not unsealed["snapshot"]["sealed"]
+    for sealed, where in ((True, variant["snapshot"]), (False, unsealed["snapshot"])):
+        for result in where["by_cpus"].values():
+            assert [start["snapshot_from_seal"] for start in result["runs"]] == [sealed]
+    for where in (variant, variant["snapshot"], unsealed, unsealed["snapshot"]):
         assert set(where["by_cpus"]) == {"0-1", "0"}
         for result in where["by_cpus"].values():
             [only] = result["runs"]
@@ -46,7 +50,7 @@ def test_bench_replay_smoke_measures_both_cpu_sets(tmp_path):
     for result in variant["by_cpus"].values():  # the same-run yardstick, and kvd against it
         assert result["naive_s"] > 0 and result["ratios"]["replay_over_naive"] > 0
     assert "x naive" in run.stdout
-    assert len(data["targets"]) == 2 * (2 * 3) + 2 * 2
+    assert len(data["targets"]) == 2 * (2 * 3 + 2 * 2)  # with seals and without
     after = committed.read_bytes() if committed.exists() else None
     assert after == committed_before
 
