@@ -210,45 +210,59 @@ class Seal:
 
 
 def read_seal(segment: Path) -> Seal | None:
-    """The segment's seal when it is whole and still describes the segment; else None.
+    """The segment's seal when it is whole and still describes the segment; else None."""
+    checked = _read_checked(segment, _check_runs)
+    if checked is None:
+        return None
+    header, payload_start, values_buffer = checked
+    return Seal(seal_path(segment), header["pieces"], payload_start, values_buffer)
 
-    Read a column at a time, twice (to check it, then to use it), not whole: a
-    whole seal (about a third of its segment's size) would raise start-up's peak memory.
+
+def _read_checked(
+    sealed: Path, check_columns: Callable[[BinaryIO, dict, int], tuple[int, _Buffer]]
+) -> tuple[dict, int, _Buffer] | None:
+    """The header of ``sealed``'s seal, where its payload starts and a buffer for its
+    values, when the seal is whole and ``sealed`` still has the size and CRC-32 it
+    recorded; else None, with a warning saying why.
+
+    The seal is read a column at a time, twice (``check_columns`` now, to use
+    them later), not whole: a whole seal (a third of a segment's size, a
+    snapshot's size) would raise start-up's peak memory.
     """
-    path = seal_path(segment)
     try:
-        with open(path, "rb") as file:
+        with open(seal_path(sealed), "rb") as file:
             first = file.readline()
             if not first.startswith(_MAGIC):
                 raise ValueError("not a seal")
             header_line = file.readline()
             header = orjson.loads(header_line)
             payload_start = file.tell()
-            sizes = (batch[3] for piece in header["pieces"] if not isinstance(piece, int) for batch in piece[6])
-            values_buffer = _Buffer(max(sizes, default=0))
-            if _check_payload(file, header, zlib.crc32(header_line), values_buffer) != int(first[len(_MAGIC) :], 16):
+            crc, values_buffer = check_columns(file, header, zlib.crc32(header_line))
+            if file.read(1) or crc != int(first[len(_MAGIC) :], 16):
                 raise ValueError("damaged")
-            if header["segment"] != segment.name:
-                raise ValueError(f"it names {header['segment']}")
-            if sum(piece if isinstance(piece, int) else piece[4] for piece in header["pieces"]) != header["size"]:
-                raise ValueError("its pieces do not add up to the segment")
-        if segment.stat().st_size != header["size"] or segment_crc(segment, header["size"]) != header["crc32"]:
-            log.warning("%s changed since it was sealed: reading it in full", segment.name)
+            if header["file"] != sealed.name:
+                raise ValueError(f"it describes {header['file']}")
+        if sealed.stat().st_size != header["size"] or segment_crc(sealed, header["size"]) != header["crc32"]:
+            log.warning("%s changed since it was sealed: reading it in full", sealed.name)
             return None
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.warning("cannot read the seal of %s (%s): reading the segment itself", segment.name, exc)
+        log.warning("cannot read the seal of %s (%s): reading it in full", sealed.name, exc)
         return None
-    except (ValueError, KeyError, TypeError, struct.error, orjson.JSONDecodeError) as exc:
-        log.warning("ignoring the seal of %s (%s): reading the segment itself", segment.name, exc)
+    except (ValueError, KeyError, TypeError, IndexError, struct.error, orjson.JSONDecodeError) as exc:
+        log.warning("ignoring the seal of %s (%s): reading it in full", sealed.name, exc)
         return None
-    return Seal(path, header["pieces"], payload_start, values_buffer)
+    return header, payload_start, values_buffer
 
 
-def _check_payload(file: BinaryIO, header: dict, crc: int, values_buffer: _Buffer) -> int:
-    """That each batch's columns hold its count of keys (ValueError if not); returns the
-    CRC-32 of the payload, continuing ``crc``."""
+def _check_runs(file: BinaryIO, header: dict, crc: int) -> tuple[int, _Buffer]:
+    """That the pieces cover the segment and each batch's columns hold its count of keys
+    (ValueError if not); returns the CRC-32 continued over them, and the values' buffer."""
+    if sum(piece if isinstance(piece, int) else RunEntry(*piece).size for piece in header["pieces"]) != header["size"]:
+        raise ValueError("its pieces do not add up to the segment")
+    sizes = (batch[3] for piece in header["pieces"] if not isinstance(piece, int) for batch in RunEntry(*piece).batches)
+    values_buffer = _Buffer(max(sizes, default=0))
     for piece in header["pieces"]:
         if isinstance(piece, int):
             continue
@@ -271,9 +285,7 @@ def _check_payload(file: BinaryIO, header: dict, crc: int, values_buffer: _Buffe
                 crc = zlib.crc32(column, crc)
         if len(last_line) != run.line_size or sum(batch.keys for batch in batches) > run.records:
             raise ValueError(f"the run from seq {run.first_seq} does not hold its keys")
-    if file.read(1):
-        raise ValueError("longer than its pieces")
-    return crc
+    return crc, values_buffer
 
 
 def write_seal(segment: Path) -> Path:
@@ -292,7 +304,7 @@ def write_seal(segment: Path) -> Path:
             for start in range(0, size, RUN_BYTES)
             for piece in _joined(scan_chunk(Chunk(segment, start, min(start + RUN_BYTES, size))).pieces)
         ]
-        return {"segment": segment.name, "size": size, "crc32": crc, "pieces": pieces}
+        return {"file": segment.name, "size": size, "crc32": crc, "pieces": pieces}
 
     return _write_file(seal_path(segment), runs)
 
@@ -402,7 +414,7 @@ def write_snapshot_seal(snapshot: Path) -> Path:
                 payload.write(column)
             written.append(list(SnapshotBatchEntry(len(batch), *map(len, columns))))
         return {
-            "snapshot": snapshot.name, "size": size, "crc32": crc,
+            "file": snapshot.name, "size": size, "crc32": crc,
             "header": [header.seq, header.ts, header.head, header.keys], "batches": written,
         }
 
@@ -412,39 +424,14 @@ def write_snapshot_seal(snapshot: Path) -> Path:
 def read_snapshot_seal(snapshot: Path) -> tuple[SnapshotHeader, Iterator[EntryBatch]] | None:
     """The snapshot's header and entries from its seal, when the seal is whole and the
     snapshot still has the size and CRC-32 it recorded; else None (load the snapshot)."""
-    path = seal_path(snapshot)
-    try:
-        with open(path, "rb") as file:
-            first = file.readline()
-            if not first.startswith(_MAGIC):
-                raise ValueError("not a seal")
-            header_line = file.readline()
-            header = orjson.loads(header_line)
-            payload_start = file.tell()
-            batches = [SnapshotBatchEntry(*batch) for batch in header["batches"]]
-            values_buffer = _Buffer(max((batch.values_size for batch in batches), default=0))
-            crc = zlib.crc32(header_line)
-            for batch in batches:
-                crc = _check_snapshot_batch(file, batch, values_buffer, crc)
-            if file.read(1) or crc != int(first[len(_MAGIC) :], 16):
-                raise ValueError("damaged")
-            if header["snapshot"] != snapshot.name or sum(batch.keys for batch in batches) != header["header"][3]:
-                raise ValueError("it describes another snapshot")
-        if snapshot.stat().st_size != header["size"] or segment_crc(snapshot, header["size"]) != header["crc32"]:
-            log.warning("%s changed since it was sealed: loading it in full", snapshot.name)
-            return None
-    except FileNotFoundError:
+    checked = _read_checked(snapshot, _check_snapshot_batches)
+    if checked is None:
         return None
-    except OSError as exc:
-        log.warning("cannot read the seal of %s (%s): loading the snapshot itself", snapshot.name, exc)
-        return None
-    except (ValueError, KeyError, TypeError, IndexError, struct.error, orjson.JSONDecodeError) as exc:
-        log.warning("ignoring the seal of %s (%s): loading the snapshot itself", snapshot.name, exc)
-        return None
-    seq, ts, head, keys = header["header"]
+    header, payload_start, values_buffer = checked
+    batches = [SnapshotBatchEntry(*batch) for batch in header["batches"]]
 
     def entries() -> Iterator[EntryBatch]:
-        with open(path, "rb") as file:
+        with open(seal_path(snapshot), "rb") as file:
             file.seek(payload_start)
             for batch in batches:
                 keys = orjson.loads(file.read(batch.keys_size))
@@ -454,7 +441,19 @@ def read_snapshot_seal(snapshot: Path) -> tuple[SnapshotHeader, Iterator[EntryBa
                 expiries = orjson.loads(file.read(batch.expiries_size)) if batch.expiries_size else None
                 yield EntryBatch(keys, values, revisions, expiries)
 
-    return SnapshotHeader(seq, ts, head, keys), entries()
+    return SnapshotHeader(*header["header"]), entries()
+
+
+def _check_snapshot_batches(file: BinaryIO, header: dict, crc: int) -> tuple[int, _Buffer]:
+    """That the batches hold the snapshot's count of entries (ValueError if not); returns
+    the CRC-32 continued over them, and the values' buffer."""
+    batches = [SnapshotBatchEntry(*batch) for batch in header["batches"]]
+    if sum(batch.keys for batch in batches) != header["header"][3]:
+        raise ValueError("its batches do not hold the snapshot's entries")
+    values_buffer = _Buffer(max((batch.values_size for batch in batches), default=0))
+    for batch in batches:
+        crc = _check_snapshot_batch(file, batch, values_buffer, crc)
+    return crc, values_buffer
 
 
 def _check_snapshot_batch(file: BinaryIO, batch: SnapshotBatchEntry, values_buffer: _Buffer, crc: int) -> int:
