@@ -206,7 +206,7 @@ class Seal:
                     self.path, offset + run.line_size, run.first_seq, run.records, run.prev.encode(),
                     run.head.encode(), run.size, last_line, batches, self.values_buffer,
                 )
-                offset += run.line_size + sum(batch[1] + batch[2] + batch[3] for batch in batches)
+                offset += run.line_size + sum(batch.keys_size + batch.format_size + batch.values_size for batch in batches)
 
 
 def read_seal(segment: Path) -> Seal | None:
