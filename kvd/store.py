@@ -89,8 +89,8 @@ class Store:
         # (key since rewritten or removed) are skipped when they surface.
         self._expiry_heap: list[tuple[float, str]] = []
         self.live_bytes = 0  # keys + values of committed entries, in bytes (counted at finish_replay)
-        # The keys replay stored, in the lists it stored them from, for the index:
-        # None once too many to keep (see _note_replay_keys).
+        # The lists of keys replay stored, for the index; None once they stop
+        # holding each key exactly once (_note_replay_keys).
         self._replay_keys: list[list[str]] | None = []
         self._replay_key_count = 0
 
