@@ -223,6 +223,27 @@ def test_compaction_removes_the_seals_of_the_segments_it_retires(tmp_path, archi
     assert list(data_dir.rglob("*.seal")) == []  # none archived either: they are caches
 
 
+@pytest.mark.parametrize("kind", ["segment", "snapshot"])
+def test_a_seal_that_cannot_be_written_leaves_nothing_behind(compacted, tmp_path, monkeypatch, kind):
+    """A full disk (here: fsync failing with ENOSPC) fails the seal and removes its
+    temporary files; start-up then reads the file itself."""
+    import errno
+
+    from kvd.log import seal as seal_module
+
+    data_dir = without_seals(compacted, tmp_path / "plain")
+    target = sorted(data_dir.glob("snapshot-*.jsonl" if kind == "snapshot" else "[0-9]*.jsonl"))[0]
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(seal_module.os, "fsync", no_space)
+    write = write_snapshot_seal if kind == "snapshot" else write_seal
+    with pytest.raises(OSError, match="No space"):
+        write(target)
+    assert sorted(path.name for path in data_dir.iterdir() if "seal" in path.name or path.name.endswith(".tmp")) == []
+
+
 def test_sorted_list_of_keys_in_order_is_a_valid_sorted_list():
     keys = sorted(f"key{n:05d}" for n in range(5000))
     index = sorted_list_of(keys)
