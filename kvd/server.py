@@ -124,6 +124,8 @@ def build_context(config: Config, plugins: pluggy.PluginManager | None = None) -
 def mark_ready(ctx: AppContext) -> None:
     """After replay: serve, tell plugins, start their background tasks and compaction checks."""
     ctx.store.finish_replay()
+    if ctx.journal is not None:
+        ctx.journal.serving()
     ctx.plugins.hook.startup(ctx=ctx)
     ctx.start_periodic_tasks()
     if ctx.compactor is not None:

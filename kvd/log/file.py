@@ -170,6 +170,7 @@ class FileJournal(Journal):
         self._sync_task: asyncio.Task[None] | None = None
         self._closed = False
         self._sealer = Sealer() if seal_segments else None  # seals finished segments (seal.py)
+        self._unsealed: list[Path] = []  # finished files start-up read without a seal
 
     # --- start-up ----------------------------------------------------------
 
@@ -260,7 +261,8 @@ class FileJournal(Journal):
         self.stats.bytes = layout.total_bytes()
         self.stats.replay_seconds = time.monotonic() - started
         unsealed_base = [base] if base is not None and not base_sealed and base in layout.snapshots else []
-        self._seal(unsealed_base + [path for path in reader.unsealed if path in layout.segments[:-1]])
+        # Sealed once the store serves (``serving``): a sealer now would take CPU from the index's build.
+        self._unsealed = unsealed_base + [path for path in reader.unsealed if path in layout.segments[:-1]]
         if progress is not None:
             progress(total, total)
 
@@ -487,6 +489,10 @@ class FileJournal(Journal):
         self.stats.segments += 1
         if seal and finished is not None and os.path.getsize(finished):
             self._seal([finished])
+
+    def serving(self) -> None:
+        self._seal(self._unsealed)
+        self._unsealed = []
 
     def _seal(self, segments: list[Path]) -> None:
         """Have finished segments sealed, so that start-up can skip re-checking them

@@ -95,6 +95,9 @@ class Journal(abc.ABC):
         ``kvd.log.reader.JournalCorrupt`` on damage before the end.
         """
 
+    def serving(self) -> None:  # noqa: B027 - an optional hook: most journals start nothing
+        """The store serves now: background work that would slow start-up may begin."""
+
     async def open(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Start-up: ``replay`` off the loop (a replicated journal also catches up here)."""
         await asyncio.get_running_loop().run_in_executor(None, self.replay, progress)
