@@ -15,6 +15,9 @@ Limits and guarantees:
   (they were chained to it); later appends may succeed. A failed fsync makes
   the journal refuse writes until restart: the kernel may have dropped the
   dirty pages, so retrying could report success for data that is gone.
+- With ``seal_segments``, finished segments and snapshots get seals from a
+  separate process (``seal.py``): start-up reads a file from its seal only
+  when the seal still matches it, so a seal changes how fast, never what.
 """
 
 from __future__ import annotations
