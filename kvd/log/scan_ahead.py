@@ -150,13 +150,17 @@ def _running(pid: int) -> bool:
     return True
 
 
-# The helper's command line: this module's _helper_main, with where ``kvd`` imports
-# from appended to sys.path (last: a PYTHONPATH entry would come before the
-# standard library, where another site-packages module could shadow it).
-_HELPER_CODE = (
-    "import sys; sys.path.append(sys.argv[2]); "
-    "from kvd.log.scan_ahead import _helper_main; _helper_main(sys.argv[1])"
-)
+def helper_command(module: str, function: str, *args: str) -> list[str]:
+    """The command line of a new interpreter that calls ``module.function(*args)``.
+
+    Where ``kvd`` imports from is appended to its sys.path (last: a PYTHONPATH
+    entry would come before the standard library, where another site-packages
+    module could shadow it). A new interpreter, not a fork: replay runs
+    beside the event loop's thread. The replay helper and the sealer use it.
+    """
+    package_root = str(Path(__file__).resolve().parents[2])
+    code = f"import sys; sys.path.append(sys.argv[1]); from {module} import {function}; {function}(*sys.argv[2:])"
+    return [sys.executable, "-c", code, package_root, *args]
 
 
 class ScanAhead:
@@ -175,7 +179,6 @@ class ScanAhead:
         self._pending = deque(enumerate(chunks))
         self._results: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
-        package_root = str(Path(__file__).resolve().parents[2])  # where ``kvd`` imports from
         plan = "".join(
             json.dumps([chunk.start, chunk.stop, os.fsdecode(chunk.path)]) + "\n" for chunk in chunks
         )
@@ -183,7 +186,7 @@ class ScanAhead:
             _remove_stale_results()
             self._results = Path(tempfile.mkdtemp(prefix=f"{RESULTS_PREFIX}{os.getpid()}-"))
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _HELPER_CODE, str(self._results), package_root],
+                helper_command(__name__, "_helper_main", str(self._results)),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             )
             assert self._process.stdin is not None

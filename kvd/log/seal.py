@@ -55,7 +55,7 @@ from typing import BinaryIO, NamedTuple
 import orjson
 
 from kvd.log.format import SEGMENT_SUFFIX
-from kvd.log.scan_ahead import Chunk, scan_chunk
+from kvd.log.scan_ahead import Chunk, helper_command, scan_chunk
 from kvd.log.simple_puts import REVISION, SimplePuts
 from kvd.log.snapshot import (
     SNAPSHOT_PREFIX,
@@ -493,14 +493,6 @@ def remove_orphan_seals(directory: Path) -> None:
                 os.unlink(directory / name)
 
 
-# The sealer's command line: where ``kvd`` imports from is appended to sys.path
-# (as for the replay helper, scan_ahead._HELPER_CODE), then the segments.
-_SEALER_CODE = (
-    "import sys; sys.path.append(sys.argv[1]); "
-    "from kvd.log.seal import _sealer_main; _sealer_main(sys.argv[2:])"
-)
-
-
 class Sealer:
     """Seals finished segments in a separate process, one process at a time.
 
@@ -554,14 +546,13 @@ class Sealer:
 
 def start_sealer(segments: list[Path]) -> subprocess.Popen[bytes]:
     """A process that seals ``segments`` one after another, then exits."""
-    package_root = str(Path(__file__).resolve().parents[2])
     return subprocess.Popen(
-        [sys.executable, "-c", _SEALER_CODE, package_root, *map(os.fsdecode, segments)],
+        helper_command(__name__, "_sealer_main", *map(os.fsdecode, segments)),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
     )
 
 
-def _sealer_main(segments: list[str]) -> None:
+def _sealer_main(*segments: str) -> None:
     os.nice(SEALER_NICE)
     gc.disable()  # it builds many objects and keeps none between segments
     for name in segments:
