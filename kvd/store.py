@@ -33,14 +33,13 @@ from sortedcontainers import SortedList
 from kvd.errors import KvdError, NotFound, Unavailable
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_EXPIRE, OP_PUT, Record, format_ts, parse_ts
 from kvd.log.journal import Journal, JournalUnavailable, Superseded
-from kvd.log.simple_puts import REVISION
+from kvd.log.simple_puts import REVISION as _REVISION  # after the value in each packed entry
 from kvd.log.snapshot import EntryBatch
 from kvd.model import Change, Entry, KeyFilter, match_of
 
 if TYPE_CHECKING:
     from kvd.log.seal import PutRun
 
-_REVISION = REVISION  # after the value in each packed entry
 _REVISION_BYTES = _REVISION.size
 
 

@@ -81,15 +81,15 @@ def seal_path(segment: Path) -> Path:
     return segment.with_name(segment.name[: -len(SEGMENT_SUFFIX)] + SEAL_SUFFIX)
 
 
-def segment_crc(segment: Path, size: int) -> int | None:
-    """CRC-32 of the segment's first ``size`` bytes; None when it is shorter.
+def file_crc(path: Path, size: int) -> int | None:
+    """CRC-32 of the file's first ``size`` bytes (a segment or a snapshot); None when it is shorter.
 
     Into one buffer, a few MiB at a time: a new bytes object per read would
     leave free but resident memory behind at start-up.
     """
     crc, left = 0, size
     buffer = memoryview(bytearray(_CRC_READ_BYTES))
-    with open(segment, "rb", buffering=0) as file:
+    with open(path, "rb", buffering=0) as file:
         while left:
             got = file.readinto(buffer[: min(_CRC_READ_BYTES, left)])
             if not got:
@@ -242,7 +242,7 @@ def _read_checked(
                 raise ValueError("damaged")
             if header["file"] != sealed.name:
                 raise ValueError(f"it describes {header['file']}")
-        if sealed.stat().st_size != header["size"] or segment_crc(sealed, header["size"]) != header["crc32"]:
+        if sealed.stat().st_size != header["size"] or file_crc(sealed, header["size"]) != header["crc32"]:
             log.warning("%s changed since it was sealed: reading it in full", sealed.name)
             return None
     except FileNotFoundError:
@@ -296,7 +296,7 @@ def write_seal(segment: Path) -> Path:
     took 150 MiB).
     """
     size = segment.stat().st_size
-    crc = segment_crc(segment, size)
+    crc = file_crc(segment, size)
 
     def runs(payload: BinaryIO) -> dict:
         pieces = [
@@ -396,7 +396,7 @@ def write_snapshot_seal(snapshot: Path) -> Path:
     """Read a snapshot, checking its digest, and seal it (in the sealer process):
     its entries in the batches start-up restores, without a line to parse."""
     size = snapshot.stat().st_size
-    crc = segment_crc(snapshot, size)
+    crc = file_crc(snapshot, size)
 
     def batches(payload: BinaryIO) -> dict:
         header, entries = read_snapshot_batches(snapshot)  # raises at the end if the digest differs
