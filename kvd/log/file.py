@@ -487,10 +487,10 @@ class FileJournal(Journal):
             raise
         os.close(self._fd)
         self._fd = None
-        finished = self._active_path
+        finished, finished_size = self._active_path, self._active_size
         self._open_active(self.directory / segment_name(first_seq))
         self.stats.segments += 1
-        if seal and finished is not None and os.path.getsize(finished):
+        if seal and finished is not None and finished_size:
             self._seal([finished])
 
     def serving(self) -> None:
