@@ -416,7 +416,9 @@ def test_start_up_seals_finished_segments_that_have_none(kvd_process, tmp_path):
     wait_for(lambda: all(seal_path(path).exists() for path in segments[:-1]))
     assert not seal_path(segments[-1]).exists()  # the active segment is not finished
     wait_for(lambda: sealers_of(data_dir) == [])  # one process, gone when done
-    assert child_pids(server.process.pid) == set()
+    # ... and reaped: the sealer's thread waits on it (an exited, unreaped child has no
+    # command line, so sealers_of no longer sees it a moment before).
+    wait_for(lambda: child_pids(server.process.pid) == set())
     assert server.kill(signal.SIGTERM) == 0
     assert list(data_dir.glob("*.tmp")) == []
     assert start_up(data_dir) == start_up(without_seals(data_dir, tmp_path / "plain"))
