@@ -516,7 +516,9 @@ async def test_client_hang_up_ends_the_subscription_and_releases_the_pin(server_
     assert len(feed_handlers(harness)) == 1 and len(harness.ctx.streams) == 1
     stream.close()
     await eventually(lambda: not feed_handlers(harness) and not harness.ctx.streams)
-    assert held_pins(harness) == 0
+    # The close unsubscribes at once; the pin goes when the handler's get() wakes and
+    # releases what it holds, a loop pass or so later (it failed once checked at once).
+    await eventually(lambda: held_pins(harness) == 0)
     await put(harness.store, "after", 1)  # commits go on without it
     assert harness.journal.last_seq == 4
 
