@@ -29,7 +29,7 @@ from kvd.log.seal import seal_path, write_seal, write_snapshot_seal
 from kvd.log.snapshot import SnapshotCorrupt
 from kvd.model import Change
 from kvd.server import build_context
-from kvd.store import sorted_list_of
+from kvd.store import concatenated, sorted_list_of
 
 SEGMENT_BYTES = 4096
 
@@ -246,14 +246,26 @@ def test_a_seal_that_cannot_be_written_leaves_nothing_behind(compacted, tmp_path
 
 def test_sorted_list_of_keys_in_order_is_a_valid_sorted_list():
     keys = sorted(f"key{n:05d}" for n in range(5000))
-    index = sorted_list_of(keys)
+    given = list(keys)
+    index = sorted_list_of(given)
     index._check()  # SortedList's own invariants
     assert list(index) == keys and index == SortedList(keys)
+    assert given == []  # emptied as the sublists were cut, so no second copy stays
     index.add("key00002.5")
     index.remove("key00000")
     index._check()
     assert list(index.irange("key00002", "key00003")) == ["key00002", "key00002.5", "key00003"]
     assert sorted_list_of([]) == SortedList()
+    for count in (1, 999, 1000, 1001, 2000, 2001):  # around SortedList's load of 1000
+        exact = sorted_list_of([f"k{n:05d}" for n in range(count)])
+        exact._check()
+        assert list(exact) == [f"k{n:05d}" for n in range(count)]
+
+
+def test_concatenated_runs_keep_their_order_and_are_consumed():
+    runs = [["b", "d"], [], ["a"], ["c", "e", "f"]]
+    assert concatenated(runs, 6) == ["b", "d", "a", "c", "e", "f"]
+    assert runs == []
 
 
 def test_the_index_falls_back_to_sorting_when_replay_stored_a_key_twice(sealed, tmp_path):
