@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
           f"Linux {machine['kernel']}, {machine['python']}; kvd {machine['kvd_commit']}; "
           f"load average {machine['loadavg_start'][0]:.2f}")
     started = datetime.datetime.now(datetime.UTC)
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvd-replay-", dir=args.work_dir))
     try:
         baseline = empty_baseline(opts, work, args.timeout)
