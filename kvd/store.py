@@ -84,6 +84,7 @@ def concatenated(runs: list[list[str]], total: int) -> list[str]:
         run = runs.pop()
         keys[at : at + len(run)] = run
         at += len(run)
+    assert at == total, (at, total)  # else Nones would be left to sort among the keys
     return keys  # type: ignore[return-value]
 
 
