@@ -6,7 +6,7 @@ For each key count it writes a journal of RECORDS put records with
 bench/make_journal.py (one key per record, ~100-byte values, keys cycling
 over KEYS names, first written in a random order unless --key-order sorted;
 KEYS = RECORDS makes every record a distinct key) in segments of
---segment-bytes (64 MiB, the server's default) and seals every finished
+--segment-bytes (16 MiB, the server's default) and seals every finished
 segment as the server's sealer does (kvd/log/seal.py; --seals unsealed
 measures the same journal without seals, as after an upgrade, and both
 measures each), then
@@ -60,6 +60,7 @@ from naive_replay import naive_replay
 from run import machine_info
 from servers import BENCH_DIR, HOST, KVD_PATH_HELP, REPO_ROOT, Options, call
 
+from kvd.config import JournalConfig
 from kvd.log.seal import write_snapshot_seal
 
 REPLAY_TOOK = re.compile(rb"replay took ([0-9.]+)s")
@@ -265,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                              "journal's later part, then core 0, where kvd replays alone)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin kvd (one unpinned set)")
     parser.add_argument("--work-dir", type=Path, help="where journals go (default: temp)")
-    parser.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024,
+    parser.add_argument("--segment-bytes", type=int, default=JournalConfig.segment_bytes,
                         help="journal segment size, as the server's journal.segment_bytes "
-                             "(default 64 MiB; 0: one segment)")
+                             f"(default {JournalConfig.segment_bytes >> 20} MiB, the server's; 0: one segment)")
     parser.add_argument("--seals", choices=("sealed", "unsealed", "both"), default="sealed",
                         help="start from the journal with its finished segments sealed, as a "
                              "server leaves them (default), without seals, or both")

@@ -72,7 +72,7 @@ class NatsConfig:
 class JournalConfig:
     data_dir: str = "data"
     fsync: str = "always"
-    segment_bytes: int = 64 * 1024 * 1024
+    segment_bytes: int = 16 * 1024 * 1024
     seal_segments: bool = True
     compact_dead_ratio: float = 1.0
     compact_min_dead_bytes: int = 16 * 1024 * 1024

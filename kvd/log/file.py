@@ -127,7 +127,7 @@ class FileJournal(Journal):
         directory: Path,
         *,
         fsync: str = "always",
-        segment_bytes: int = 64 * 1024 * 1024,
+        segment_bytes: int = 16 * 1024 * 1024,
         archive: bool = False,
         seal_segments: bool = False,
         on_commit: Callable[[Record], None],
