@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from kvd.config import ConfigError, load_config
+from kvd.config import ConfigError, JournalConfig, load_config
+from kvd.log.file import FileJournal
 from kvd.log.format import GENESIS_HASH, encode_record
 
 
@@ -36,6 +38,12 @@ def test_shipped_config_file_holds_exactly_the_defaults(tmp_path, monkeypatch):
     assert shipped.server == defaults.server
     assert shipped.journal == defaults.journal
     assert shipped.plugins == defaults.plugins
+
+
+def test_the_journal_and_the_config_agree_on_the_segment_size():
+    """FileJournal keeps its own default (kvd.log does not import the config); the two must not drift."""
+    journal_default = inspect.signature(FileJournal).parameters["segment_bytes"].default
+    assert journal_default == JournalConfig.segment_bytes == 16 * 1024 * 1024
 
 
 def test_default_config_file_is_used_when_present(tmp_path, monkeypatch):
