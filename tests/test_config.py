@@ -41,7 +41,7 @@ def test_shipped_config_file_holds_exactly_the_defaults(tmp_path, monkeypatch):
 
 
 def test_the_journal_and_the_config_agree_on_the_segment_size():
-    """FileJournal keeps its own default (kvd.log does not import the config); the two must not drift."""
+    """FileJournal keeps its own default (kvd/log/file.py does not import the config): they must not drift."""
     journal_default = inspect.signature(FileJournal).parameters["segment_bytes"].default
     assert journal_default == JournalConfig.segment_bytes == 16 * 1024 * 1024
 
