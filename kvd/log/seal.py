@@ -259,26 +259,21 @@ def _read_checked(
 def _check_runs(file: BinaryIO, header: dict, crc: int) -> tuple[int, _Buffer]:
     """That the pieces cover the segment and each batch's columns hold its count of keys
     (ValueError if not); returns the CRC-32 continued over them, and the values' buffer."""
-    if sum(piece if isinstance(piece, int) else RunEntry(*piece).size for piece in header["pieces"]) != header["size"]:
+    pieces = header["pieces"]
+    runs = [RunEntry(*piece) for piece in pieces if not isinstance(piece, int)]
+    if sum(piece for piece in pieces if isinstance(piece, int)) + sum(run.size for run in runs) != header["size"]:
         raise ValueError("its pieces do not add up to the segment")
-    sizes = (batch[3] for piece in header["pieces"] if not isinstance(piece, int) for batch in RunEntry(*piece).batches)
-    values_buffer = _Buffer(max(sizes, default=0))
-    for piece in header["pieces"]:
-        if isinstance(piece, int):
-            continue
-        run = RunEntry(*piece)
+    batches_of_runs = [[BatchEntry(*batch) for batch in run.batches] for run in runs]
+    values_buffer = _Buffer(max((batch.values_size for batches in batches_of_runs for batch in batches), default=0))
+    for run, batches in zip(runs, batches_of_runs, strict=True):
         last_line = file.read(run.line_size)
         crc = zlib.crc32(last_line, crc)
-        batches = [BatchEntry(*batch) for batch in run.batches]
         for batch in batches:
             keys, values_format = file.read(batch.keys_size), file.read(batch.format_size)
             values = values_buffer.read(file, batch.values_size)
             if (
                 len(keys) != batch.keys_size or keys.count(b"\n") != batch.keys - 1
-                or len(values_format) != batch.format_size
-                or values_format.translate(None, b"0123456789s")  # only lengths of strings
-                or values_format.count(b"s") != batch.keys
-                or struct.Struct(values_format).size != batch.values_size
+                or not _values_format_fits(values_format, batch)
             ):
                 raise ValueError(f"the run from seq {run.first_seq} does not hold its keys")
             for column in (keys, values_format, values):
@@ -286,6 +281,22 @@ def _check_runs(file: BinaryIO, header: dict, crc: int) -> tuple[int, _Buffer]:
         if len(last_line) != run.line_size or sum(batch.keys for batch in batches) > run.records:
             raise ValueError(f"the run from seq {run.first_seq} does not hold its keys")
     return crc, values_buffer
+
+
+def _values_format(values: list[bytes]) -> bytes:
+    """The struct format a batch's values column is read back with: their lengths ("110s112s...")."""
+    return "".join(map("{}s".format, map(len, values))).encode()
+
+
+def _values_format_fits(values_format: bytes, batch: BatchEntry | SnapshotBatchEntry) -> bool:
+    """Whether a values format read back is whole, names only strings, one per key,
+    and describes exactly the batch's values column."""
+    return (
+        len(values_format) == batch.format_size
+        and not values_format.translate(None, b"0123456789s")  # only lengths of strings
+        and values_format.count(b"s") == batch.keys
+        and struct.Struct(values_format).size == batch.values_size
+    )
 
 
 def write_seal(segment: Path) -> Path:
@@ -345,8 +356,7 @@ def _write_run(payload: BinaryIO, run: SimplePuts) -> list:
     for start in range(0, len(keys), BATCH_KEYS):
         batch = keys[start : start + BATCH_KEYS]
         values = [run.values[at] + REVISION.pack(run.first_seq + at) for at in map(latest.__getitem__, batch)]
-        columns = ["\n".join(batch).encode(), "".join(map("{}s".format, map(len, values))).encode(),
-                   b"".join(values)]
+        columns = ["\n".join(batch).encode(), _values_format(values), b"".join(values)]
         for column in columns:
             payload.write(column)
         batches.append(list(BatchEntry(len(batch), *map(len, columns))))
@@ -406,8 +416,8 @@ def write_snapshot_seal(snapshot: Path) -> Path:
             if sys.byteorder == "big":
                 revisions.byteswap()
             columns = [
-                orjson.dumps(batch.keys), "".join(map("{}s".format, map(len, batch.values))).encode(),
-                b"".join(batch.values), revisions.tobytes(),
+                orjson.dumps(batch.keys), _values_format(batch.values), b"".join(batch.values),
+                revisions.tobytes(),
                 orjson.dumps(batch.expiries) if batch.expiries is not None else b"",
             ]
             for column in columns:
@@ -464,9 +474,7 @@ def _check_snapshot_batch(file: BinaryIO, batch: SnapshotBatchEntry, values_buff
     revisions, expiries = file.read(batch.revisions_size), file.read(batch.expiries_size)
     if (
         len(keys) != batch.keys_size or len(orjson.loads(keys)) != batch.keys
-        or len(values_format) != batch.format_size
-        or values_format.translate(None, b"0123456789s") or values_format.count(b"s") != batch.keys
-        or struct.Struct(values_format).size != batch.values_size
+        or not _values_format_fits(values_format, batch)
         or len(revisions) != 8 * batch.keys
         or len(expiries) != batch.expiries_size or (expiries and len(orjson.loads(expiries)) != batch.keys)
     ):
