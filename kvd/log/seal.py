@@ -81,13 +81,14 @@ def seal_path(segment: Path) -> Path:
     return segment.with_name(segment.name[: -len(SEGMENT_SUFFIX)] + SEAL_SUFFIX)
 
 
-def file_crc(path: Path, size: int) -> int | None:
-    """CRC-32 of the file's first ``size`` bytes (a segment or a snapshot); None when it is shorter.
+def file_crc(path: Path, size: int, crc: int = 0) -> int | None:
+    """CRC-32 of the file's first ``size`` bytes (a segment, a snapshot, a seal's payload),
+    continuing ``crc``; None when the file is shorter.
 
     Into one buffer, a few MiB at a time: a new bytes object per read would
     leave free but resident memory behind at start-up.
     """
-    crc, left = 0, size
+    left = size
     buffer = memoryview(bytearray(_CRC_READ_BYTES))
     with open(path, "rb", buffering=0) as file:
         while left:
@@ -327,10 +328,8 @@ def _write_file(target: Path, write_payload: Callable[[BinaryIO], dict]) -> Path
     try:
         with open(payload_temp, "w+b") as payload:
             header = orjson.dumps(write_payload(payload)) + b"\n"
-            crc = zlib.crc32(header)
-            payload.seek(0)
-            while block := payload.read(_CRC_READ_BYTES):
-                crc = zlib.crc32(block, crc)
+            payload.flush()
+            crc = file_crc(payload_temp, payload.tell(), zlib.crc32(header))
             payload.seek(0)
             with open(temp, "wb") as out:
                 out.write(_MAGIC + b"%08x\n" % crc + header)
