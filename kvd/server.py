@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
 import pluggy
 from tornado.netutil import bind_sockets
@@ -263,12 +264,9 @@ def release_free_memory() -> None:
     free but resident for 1M keys; glibc returns only the top of the heap by
     itself. Elsewhere (musl, macOS) there is nothing to call, and nothing lost.
     """
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -283,11 +281,17 @@ def keep_large_blocks_mapped() -> None:
     blocks that size come from the heap and stay resident when freed: about
     20 MiB at the end of a replay of 1M records from seals. glibc only.
     """
+    mallopt = _glibc_function("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def _glibc_function(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name``, or None where the process has none (musl, macOS)."""
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        return None
 
 
 def _tls_context(certfile: str, keyfile: str) -> ssl.SSLContext | None:
