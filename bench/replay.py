@@ -104,12 +104,13 @@ def start_and_measure(data_dir: Path, opts: Options, timeout: float) -> dict:
         if call(running.url, "GET", "/readyz", timeout=5)[0] != 200:
             raise RuntimeError(f"kvd logged ready but /readyz is not 200\n{running.log_tail()}")
         hwm, rss = running.memory_kib()
-        found = REPLAY_TOOK.search(log.read_bytes())
-        helper = HELPER_RSS.search(log.read_bytes())
-        sealed = FROM_SEALS.search(log.read_bytes())
+        logged = log.read_bytes()
+        found = REPLAY_TOOK.search(logged)
+        helper = HELPER_RSS.search(logged)
+        sealed = FROM_SEALS.search(logged)
         return {
             "from_seals": int(sealed.group(1)) if sealed else 0,
-            "snapshot_from_seal": SNAPSHOT_FROM_SEAL.search(log.read_bytes()) is not None,
+            "snapshot_from_seal": SNAPSHOT_FROM_SEAL.search(logged) is not None,
             "listening_s": listening,
             "ready_s": ready,
             "replay_s": float(found.group(1)) if found else None,
