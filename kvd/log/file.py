@@ -263,7 +263,7 @@ class FileJournal(Journal):
         self.stats.segments = len(layout.segments)
         self.stats.bytes = layout.total_bytes()
         self.stats.replay_seconds = time.monotonic() - started
-        unsealed_base = [base] if base is not None and not base_sealed and base in layout.snapshots else []
+        unsealed_base = [base] if base is not None and not base_sealed else []
         # Sealed once the store serves (``serving``): a sealer now would take CPU from the index's build.
         self._unsealed = unsealed_base + [path for path in reader.unsealed if path in layout.segments[:-1]]
         if progress is not None:
