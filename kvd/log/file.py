@@ -265,7 +265,7 @@ class FileJournal(Journal):
         self.stats.replay_seconds = time.monotonic() - started
         unsealed_base = [base] if base is not None and not base_sealed else []
         # Sealed once the store serves (``serving``): a sealer now would take CPU from the index's build.
-        self._unsealed = unsealed_base + [path for path in reader.unsealed if path in layout.segments[:-1]]
+        self._unsealed = unsealed_base + reader.unsealed  # the reader lists finished segments only
         if progress is not None:
             progress(total, total)
 
