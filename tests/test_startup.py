@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,12 +20,16 @@ def test_keys_and_readyz_answer_503_until_replay_is_done(kvd_process, tmp_path):
     make_journal(data, records=150_000, keys=50_000)
     server = kvd_process(data_dir=data, wait_ready=False)
     seen_before_ready = set()
+    ready_gauges_while_replaying = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        metrics = server.request("GET", "/metrics")  # scraped before /readyz: still replaying if that is 503
         ready = server.request("GET", "/readyz")
         if ready.status == 200:
             break
         seen_before_ready.add(ready.status)
+        assert metrics.status == 200
+        ready_gauges_while_replaying.update(re.findall(r"^kvd_ready (\S+)$", metrics.body.decode(), re.M))
         keys = server.request("GET", "/keys/key00000001")
         assert keys.status in (503, 200)
         if keys.status == 503:
@@ -32,6 +37,8 @@ def test_keys_and_readyz_answer_503_until_replay_is_done(kvd_process, tmp_path):
             assert keys.headers["Retry-After"] == "1"
         assert server.request("GET", "/healthz").status == 200  # alive throughout
     assert seen_before_ready == {503}
+    assert ready_gauges_while_replaying == {"0.0"}  # an alert on kvd_ready == 0 fires during replay
+    assert re.search(r"^kvd_ready 1.0$", server.request("GET", "/metrics").body.decode(), re.M)
     # key00000001 was last written by seq 100001 (seq % 50000 == 1)
     assert server.get_key("key00000001").json()["key00000001"].startswith("value-00100001-")
     assert "ready: 50000 keys at revision 150000" in server.log()

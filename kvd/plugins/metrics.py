@@ -59,11 +59,13 @@ class MetricsPlugin:
 
     @hookimpl
     def register_routes(self, ctx: AppContext) -> list[Route]:
+        # Registered with the route, not at startup: /metrics answers during replay,
+        # and an alert on kvd_ready == 0 needs the series then.
+        self.registry.register(StoreCollector(ctx))
         return [(r"/metrics", MetricsHandler, {"ctx": ctx, "registry": self.registry})]
 
     @hookimpl
     def startup(self, ctx: AppContext) -> None:
-        self.registry.register(StoreCollector(ctx))
         ctx.plugins.hook.register_metrics(ctx=ctx, registry=self.registry)
 
     @hookimpl
@@ -108,9 +110,11 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         store, journal = self.ctx.store, self.ctx.journal
+        yield GaugeMetricFamily("kvd_ready", "1 when serving, 0 while replaying", value=int(store.ready))
+        if not store.ready:  # replay is filling the store in another thread: nothing to report yet
+            return
         yield GaugeMetricFamily("kvd_keys", "Live keys (expired keys not yet swept included)", value=len(store))
         yield GaugeMetricFamily("kvd_live_bytes", "Bytes of live keys and values", value=store.live_bytes)
-        yield GaugeMetricFamily("kvd_ready", "1 when serving, 0 while replaying", value=int(store.ready))
         if journal is not None:
             stats = journal.stats
             yield GaugeMetricFamily("kvd_revision", "Sequence number of the last durable record", value=journal.last_seq)
