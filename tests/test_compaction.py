@@ -533,3 +533,44 @@ def test_an_existing_archive_keeps_being_filled_with_archive_off(tmp_path, caplo
     history = History(data_dir)
     assert history.oldest_point() == 0
     assert [record.seq for record in history.records(0)] == list(range(1, 201))
+
+
+def test_segments_that_end_before_the_snapshot_go_on_from_it(tmp_path, caplog):
+    """What a crash under ``fsync = everysec`` or ``no`` can leave: the snapshot on disk
+    before the last records it covers. Its state is kept, and no seq it covers is reused."""
+    data_dir = tmp_path / "data"
+    seq, covered = crashed_before_retiring(data_dir, archive=False)
+    for path in Layout.scan(data_dir).segments:
+        if segment_first_seq(path) > seq:
+            path.unlink()  # the roll to seq + 1 never reached the disk
+    last_covered = Layout.scan(data_dir).segments[-1]
+    lines = last_covered.read_bytes().splitlines(keepends=True)
+    assert json.loads(lines[-1])["seq"] == seq
+    lost = 2  # nor did the last records (here, all of that segment's)
+    last_covered.write_bytes(b"".join(lines[:-lost]))
+    snapshot = Layout.scan(data_dir).snapshots[-1]
+    header, entries = read_snapshot(snapshot)
+    assert header.seq == seq
+    snapshot_state = {key: entry.value for key, entry in entries}
+
+    async def run() -> int:
+        reopened = reopen(data_dir, **SMALL)
+        assert reopened.journal.last_seq == seq
+        assert state_of(reopened.store) == snapshot_state
+        record = await reopened.store.write(Change(op="put", set={"after": b"1"}))
+        await reopened.journal.close()
+        return record.seq
+
+    assert asyncio.run(run()) == seq + 1
+    assert f"records {seq - lost + 1}..{seq} were lost" in caplog.text
+    layout = Layout.scan(data_dir)
+    assert [segment_first_seq(path) for path in layout.segments] == [seq + 1]  # the short ones retired
+    assert check_chain(data_dir) == seq + 1  # the new record is chained to the snapshot's head
+
+    async def again() -> None:
+        reopened = reopen(data_dir, **SMALL)
+        assert reopened.journal.last_seq == seq + 1
+        assert state_of(reopened.store) == {**snapshot_state, "after": b"1"}
+        await reopened.journal.close()
+
+    asyncio.run(again())

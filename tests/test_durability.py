@@ -522,6 +522,28 @@ def test_second_server_on_same_data_dir_refuses_to_start(kvd_process, tmp_path):
     assert first.request("GET", "/readyz").status == 200
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fsync", ["always", "no"])
+def test_a_data_dir_deleted_under_the_server_refuses_writes(kvd_process, tmp_path, fsync):
+    """``rm -rf data`` under a running server: its next write is refused (not acknowledged
+    and then lost), /readyz says why, and reads of what it holds go on."""
+    import shutil
+
+    data_dir = tmp_path / "data"
+    server = kvd_process(data_dir=data_dir, env={"KVD_JOURNAL_FSYNC": fsync})
+    assert server.request("PUT", "/keys", {"a": 1}).status == 200
+    shutil.rmtree(data_dir)
+    put = server.request("PUT", "/keys", {"b": 2})
+    assert put.status == 503, put.body
+    assert "was deleted" in put.json()["error"]["message"]
+    ready = server.request("GET", "/readyz")
+    assert ready.status == 503 and "was deleted" in ready.json()["error"]["message"]
+    assert server.request("PUT", "/keys", {"c": 3}).status == 503  # until a restart
+    assert server.get_key("a").json() == {"a": 1}
+    assert server.get_key("b").status == 404
+    assert "CRITICAL" in server.log() and "was deleted" in server.log()
+
+
 # --- 5. SIGTERM ------------------------------------------------------------------
 
 

@@ -335,6 +335,63 @@ async def test_segments_roll_over_and_replay_across_them(tmp_path):
 
 
 @pytest.mark.gen_test
+async def test_a_segment_that_cannot_be_created_fails_the_write_and_the_roll_is_tried_again(
+        tmp_path, monkeypatch):
+    """No inode for the next segment (ENOSPC at creation): that write gets 503, the
+    finished segment stays active, and writes resume when the disk has room again."""
+    from conftest import build_harness
+
+    harness = build_harness(tmp_path / "d", **{"journal.segment_bytes": 4096})
+    real_open = file_journal.os.open
+
+    def no_inodes(path, flags, *args):  # noqa: ANN001, ANN202
+        if flags & os.O_CREAT and not os.path.exists(path):
+            raise OSError(28, "No space left on device")
+        return real_open(path, flags, *args)
+
+    try:
+        big = b'"' + b"x" * 1000 + b'"'
+        for i in range(4):
+            await harness.store.write(Change(op="put", set={f"k{i}": big}))
+        segments_before = sorted(p.name for p in (tmp_path / "d").glob("*.jsonl"))
+        monkeypatch.setattr(file_journal.os, "open", no_inodes)
+        for i in range(4, 7):  # each one needs the new segment
+            with pytest.raises(Unavailable, match="No space left"):
+                await harness.store.write(Change(op="put", set={f"k{i}": big}))
+            assert harness.journal.writable and harness.journal.readiness_problem is None
+        assert sorted(p.name for p in (tmp_path / "d").glob("*.jsonl")) == segments_before
+        monkeypatch.undo()  # room again
+        record = await harness.store.write(Change(op="put", set={"k4": big}))
+        assert record.seq == 5  # the failed writes consumed no sequence number
+        assert harness.journal._active_path.name == segment_name(5)
+        assert harness.store.get("k4").value == big
+    finally:
+        harness.ctx.stop_periodic_tasks()
+        harness.journal.close_sync()
+    seqs, reader = read_all(tmp_path / "d")
+    assert seqs == [1, 2, 3, 4, 5] and reader.torn_tail is None
+
+
+@pytest.mark.gen_test
+async def test_a_deleted_active_segment_refuses_writes_instead_of_losing_them(
+        harness, http_client, base_url):
+    """Records written to a file no longer in the data directory would be acknowledged and
+    lost at the next start: the write that finds it so is refused, and so is every later one."""
+    await harness.store.write(Change(op="put", set={"keep": b"1"}))
+    os.unlink(harness.journal._active_path)  # an operator's rm, under the running server
+    put = await http_client.fetch(base_url + "/keys/lost", method="PUT", body=b"1",
+                                  headers={"Content-Type": "application/json"}, raise_error=False)
+    assert put.code == 503 and "was deleted" in json.loads(put.body)["error"]["message"]
+    assert "Retry-After" not in put.headers  # not a passing condition: a restart is needed
+    ready = await http_client.fetch(base_url + "/readyz", raise_error=False)
+    assert ready.code == 503 and "was deleted" in json.loads(ready.body)["error"]["message"]
+    assert (await http_client.fetch(base_url + "/keys/lost", raise_error=False)).code == 404
+    assert (await http_client.fetch(base_url + "/keys/keep", raise_error=False)).code == 200
+    with pytest.raises(Unavailable, match="was deleted"):
+        await harness.store.write(Change(op="put", set={"b": b"1"}))
+
+
+@pytest.mark.gen_test
 async def test_delete_of_a_key_whose_put_is_still_in_flight_succeeds(harness):
     put = harness.store.write(Change(op="put", set={"k": b"1"}))
     delete = harness.store.write(Change(op="delete", keys=("k",)))

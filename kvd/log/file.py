@@ -251,12 +251,17 @@ class FileJournal(Journal):
                 file.truncate(torn.offset)
                 file.flush()
                 os.fsync(file.fileno())
-        if reader.last_line is not None:
-            self._durable_ts = decode_record(reader.last_line).ts
-        self._durable_seq = reader.last_seq
-        self._durable_hash = self._head_hash = reader.last_hash or start_hash
-        self._next_seq = reader.last_seq + 1
-        self._open_active(segments[-1] if segments else None)
+        active = segments[-1] if segments else None
+        if reader.last_seq < start_seq - 1:
+            self._continue_from_snapshot(reader.last_seq, base, start_hash)  # type: ignore[arg-type]
+            active = None  # a new segment, from the snapshot's seq + 1
+        else:
+            if reader.last_line is not None:
+                self._durable_ts = decode_record(reader.last_line).ts
+            self._durable_seq = reader.last_seq
+            self._durable_hash = self._head_hash = reader.last_hash or start_hash
+        self._next_seq = self._durable_seq + 1
+        self._open_active(active)
         if base is not None:
             self._retire(self._snapshot_seq)  # a compaction may have stopped before this step
         layout = Layout.scan(self.directory)
@@ -269,15 +274,43 @@ class FileJournal(Journal):
         if progress is not None:
             progress(total, total)
 
+    def _continue_from_snapshot(self, last_seq: int, snapshot: Path, head: str) -> None:
+        """The segments end before the snapshot's seq: go on from the snapshot.
+
+        A crash can leave this under ``fsync = everysec`` or ``no``: the
+        snapshot was on disk before the last records it covers were. The
+        snapshot holds their effect, so no state is lost, only their lines;
+        the next record is the snapshot's seq + 1, never one it covers, and
+        goes to a new segment, so the segments that end early are retired
+        (or archived) below and the chain has no gap inside a file.
+        """
+        log.warning(
+            "the journal's segments end at seq %d, before %s (seq %d): records %d..%d were lost "
+            "in a crash before they reached the disk; their effect is in the snapshot, which "
+            "the journal continues from", last_seq, snapshot.name, self._snapshot_seq,
+            last_seq + 1, self._snapshot_seq,
+        )
+        self._durable_seq = self._snapshot_seq
+        self._durable_hash = self._head_hash = head
+
     def _open_active(self, path: Path | None) -> None:
+        """Make ``path`` the segment writes go to; on failure the active one stays as it was."""
         if path is None:
             path = self.directory / segment_name(self._next_seq)
         existed = path.exists()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._active_path = path
-        self._active_size = os.fstat(self._fd).st_size
-        if not existed:
-            fsync_directory(self.directory)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if not existed:
+                try:
+                    fsync_directory(self.directory)
+                except OSError as exc:  # records in it could vanish with its name in a crash
+                    self._refuse_after_failed_fsync(exc)
+                    raise
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._active_path, self._active_size = fd, path, size
 
     # --- appending ---------------------------------------------------------
 
@@ -448,6 +481,7 @@ class FileJournal(Journal):
         self._active_size += len(data)
         if self.fsync != "always":
             self._unsynced = True
+            self._check_still_linked()
             return None
         started = time.monotonic()
         try:
@@ -456,7 +490,26 @@ class FileJournal(Journal):
             self._refuse_after_failed_fsync(exc)
             self._cut_back(start_size)
             raise
-        return time.monotonic() - started
+        seconds = time.monotonic() - started
+        self._check_still_linked()
+        return seconds
+
+    def _check_still_linked(self) -> None:
+        """Refuse writes once the active segment is no longer in the data directory.
+
+        Someone deleted it (or the whole directory) under the server: records
+        written to it would be acknowledged and then lost, and the data
+        directory's lock is gone with it, so a second server could start there.
+        One fstat a batch.
+        """
+        if os.fstat(self._fd).st_nlink > 0:  # type: ignore[arg-type]
+            return
+        self._refusal = (
+            f"the active segment {self._active_path} was deleted from the data directory; "
+            "writes are refused until kvd restarts"
+        )
+        log.critical("%s", self._refusal)
+        raise JournalUnavailable(self._refusal)
 
     def _cut_back(self, size: int) -> None:
         """Remove a failed batch's bytes so no trace of it survives."""
@@ -485,10 +538,11 @@ class FileJournal(Journal):
         except OSError as exc:
             self._refuse_after_failed_fsync(exc)
             raise
-        os.close(self._fd)
-        self._fd = None
-        finished, finished_size = self._active_path, self._active_size
-        self._open_active(self.directory / segment_name(first_seq))
+        finished, finished_fd, finished_size = self._active_path, self._fd, self._active_size
+        # The new segment opens before the finished one closes: when it cannot be
+        # created (no inodes, no space), this write fails and the next one tries again.
+        self._open_active(target)
+        os.close(finished_fd)
         self.stats.segments += 1
         if seal and finished is not None and finished_size:
             self._seal([finished])
