@@ -492,9 +492,19 @@ def test_a_killed_snapshot_writer_leaves_no_temp_file_and_compaction_goes_on(kvd
         assert (data_dir / (snapshot_name(100) + ".tmp")).exists()  # what the kill strands
         os.kill(writer, signal.SIGKILL)
         answer = compacting.result(timeout=60)
+    assert (answer.status, answer.json()) == (503, {"error": {
+        "code": "unavailable",
+        "message": f"compaction failed: snapshot writer (pid {writer}) killed by signal 9 (SIGKILL);"
+                   " nothing was retired",
+    }})
+    assert "Retry-After" not in answer.headers
     assert not [path.name for path in data_dir.iterdir() if path.name.endswith(".tmp")]
     layout = Layout.scan(data_dir)
     assert not layout.snapshots and set(segments) <= set(layout.segments)  # nothing retired
+
+    metrics = server.request("GET", "/metrics").body.decode()
+    assert 'internal_error_count_total{error="CompactionFailed"} 1.0' in metrics
+    assert "kvd_compactions_total 0.0" in metrics
 
     assert put(server.port, "after", b"1") in (200, 201)
     assert server.get_key("k3").json() == {"k3": {"i": 93, "pad": "x" * 40}}
