@@ -125,7 +125,11 @@ class Compactor:
             if writer is None:
                 return self._report(header, 0, bytes_before, started)
             if not isinstance(writer, int):
-                await self.journal.write_snapshot(header, writer)
+                try:
+                    await self.journal.write_snapshot(header, writer)
+                except OSError as exc:  # as a forked writer's failure (it has removed its temp file)
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise CompactionFailed(f"snapshot write failed: {reason}") from exc
             retired, _ = await self.journal.retire(header.seq)
             faults.crash_point("compaction-done")
             self.journal.stats.bytes += _size(self.journal.directory, header.seq)
