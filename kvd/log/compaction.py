@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -35,7 +36,7 @@ from typing import Any
 
 from kvd.log import faults
 from kvd.log.file import FileJournal
-from kvd.log.snapshot import SnapshotHeader, snapshot_name, write_snapshot
+from kvd.log.snapshot import SnapshotHeader, snapshot_name, snapshot_temp_path, write_snapshot
 
 log = logging.getLogger("kvd.journal")
 
@@ -120,11 +121,15 @@ class Compactor:
                 await self.journal.wait_rolled()
             finally:
                 if isinstance(writer, int):
-                    await wait_for_writer(writer)
+                    await wait_for_writer(writer, snapshot_temp_path(self.journal.directory, header.seq))
             if writer is None:
                 return self._report(header, 0, bytes_before, started)
             if not isinstance(writer, int):
-                await self.journal.write_snapshot(header, writer)
+                try:
+                    await self.journal.write_snapshot(header, writer)
+                except OSError as exc:  # as a forked writer's failure (it has removed its temp file)
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise CompactionFailed(f"snapshot write failed: {reason}") from exc
             retired, _ = await self.journal.retire(header.seq)
             faults.crash_point("compaction-done")
             self.journal.stats.bytes += _size(self.journal.directory, header.seq)
@@ -184,13 +189,39 @@ def fork_snapshot_writer(directory: Path, header: SnapshotHeader, store) -> int:
         os._exit(code)
 
 
-async def wait_for_writer(pid: int) -> None:
-    """Reap the snapshot writer; raises CompactionFailed unless it exited 0."""
+async def wait_for_writer(pid: int, temp: Path) -> None:
+    """Reap the snapshot writer; raises CompactionFailed unless it exited 0.
+
+    A writer that fails removes its temp file ``temp`` itself, but one that
+    is killed cannot (the OOM killer picks the forked child, the largest
+    process): the parent removes it, or every kill would leave one more
+    half-written snapshot until the next start. Once the writer is reaped
+    nothing writes to ``temp`` any more. No directory fsync: should the
+    removal be lost in a crash, start-up removes the file.
+    """
     loop = asyncio.get_running_loop()
     _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise CompactionFailed(f"the snapshot writer (pid {pid}) exited with status {code}")
+    if code == 0:
+        return
+    failure = CompactionFailed(f"snapshot writer (pid {pid}) {_exit_reason(code)}")
+    try:
+        # Off the loop: unlinking a large file frees its blocks, which can take a while.
+        await loop.run_in_executor(None, functools.partial(temp.unlink, missing_ok=True))
+    except OSError as exc:  # the writer's failure is what the caller must hear about
+        log.warning("%s; its temp file stays until the next start: %s", failure, exc)
+    raise failure
+
+
+def _exit_reason(code: int) -> str:
+    """``os.waitstatus_to_exitcode``'s result in words: a negative code is the signal."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"killed by signal {-code}{name}"
 
 
 def _die_with(parent: int) -> None:

@@ -1,9 +1,16 @@
 """Named crash points, so tests can kill the process at each step of compaction.
 
-Armed only by the environment variable ``KVD_TEST_CRASH_AT`` (reserved for
-tests; see ``kvd.config``): when it names a step, the process SIGKILLs
-itself on reaching it, exactly as a power cut or an OOM kill would stop it,
-with no cleanup. Unarmed, a crash point is a dictionary lookup.
+Armed only by environment variables reserved for tests (see ``kvd.config``):
+
+- ``KVD_TEST_CRASH_AT``: when it names a step, the process SIGKILLs itself
+  on reaching it, exactly as a power cut or an OOM kill would stop it, with
+  no cleanup;
+- ``KVD_TEST_PAUSE_WRITER_AT``: when it names a step the forked snapshot
+  writer reaches, the writer SIGSTOPs itself there (the server goes on), so
+  that a test can find it among the server's children and kill it, as the
+  OOM killer would, or let it go on (SIGCONT).
+
+Unarmed, a crash point is a dictionary lookup (two in the writer).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import os
 import signal
 
 CRASH_ENV = "KVD_TEST_CRASH_AT"
+PAUSE_WRITER_ENV = "KVD_TEST_PAUSE_WRITER_AT"
 
 # The steps of a compaction, in order; docs/journal-format.md describes each.
 COMPACTION_STEPS = (
@@ -38,3 +46,6 @@ def crash_point(step: str) -> None:
         if _also_kill is not None:
             os.kill(_also_kill, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
+    if _also_kill is not None and os.environ.get(PAUSE_WRITER_ENV) == step:
+        # Only in the forked writer (which alone has _also_kill set): the server never stops here.
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -69,6 +69,11 @@ def snapshot_name(seq: int) -> str:
     return f"{SNAPSHOT_PREFIX}{seq:020d}{SNAPSHOT_SUFFIX}"
 
 
+def snapshot_temp_path(directory: Path, seq: int) -> Path:
+    """Where the snapshot ``seq`` is written before its rename."""
+    return directory / (snapshot_name(seq) + TEMP_SUFFIX)
+
+
 def is_snapshot_name(name: str) -> bool:
     middle = name[len(SNAPSHOT_PREFIX) : -len(SNAPSHOT_SUFFIX)]
     return name.startswith(SNAPSHOT_PREFIX) and name.endswith(SNAPSHOT_SUFFIX) and middle.isdigit()
@@ -182,7 +187,7 @@ def write_snapshot(
     one (plus perhaps a ``.tmp`` file, which start-up deletes).
     """
     final = directory / snapshot_name(header.seq)
-    temp = final.with_name(final.name + TEMP_SUFFIX)
+    temp = snapshot_temp_path(directory, header.seq)
     try:
         _write_temp(temp, header, entries)
     except BaseException:
