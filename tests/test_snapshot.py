@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -34,6 +35,31 @@ def test_round_trip_keeps_keys_values_revisions_and_expiry(tmp_path):
     header, entries = load(path)
     assert header.seq == 42 and header.keys == 4 and header.head == "ab" * 32
     assert entries == ENTRIES
+
+
+def test_the_records_a_snapshot_covers_are_synced_before_it_is_renamed_into_place(
+        tmp_path, monkeypatch):
+    """Under fsync = everysec or no the last covered records may be only in the page
+    cache: the snapshot must not reach the disk before them."""
+    from kvd.log.format import segment_name
+
+    for first in (1, 20, 50):  # the snapshot at 42 is taken in the middle of segment 20
+        (tmp_path / segment_name(first)).write_bytes(b"")
+    events: list[str] = []
+    real_fdatasync, real_replace = snapshot_module.os.fdatasync, snapshot_module.os.replace
+
+    def fdatasync(fd: int) -> None:
+        events.append("sync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fdatasync(fd)
+
+    def replace(source, target) -> None:  # noqa: ANN001
+        events.append("rename " + os.path.basename(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(snapshot_module.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(snapshot_module.os, "replace", replace)
+    write(tmp_path)
+    assert events == [f"sync {segment_name(20)}", "rename snapshot-00000000000000000042.jsonl"]
 
 
 def test_sliced_entries_decode_as_the_json_decoder_does():
