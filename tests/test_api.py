@@ -180,6 +180,41 @@ async def test_delete_all_is_one_entry_even_when_empty(api, harness):
     assert json.loads(put.body)["revision"] == 4
 
 
+@pytest.mark.gen_test
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast-paths", "handlers-only"])
+@pytest.mark.parametrize("path", ["/keys/dx", "/keys"])
+@pytest.mark.parametrize("condition", [{}, {"If-Match": "*"}], ids=["plain", "if-match-star"])
+@pytest.mark.parametrize(("content_type", "body", "status", "code"), [
+    ("text/plain", b"hello", 415, "unsupported_media_type"),
+    (None, b"hello", 415, "unsupported_media_type"),
+    ("application/json", b'["dx"]', 400, "bad_request"),  # a multi-delete kvd does not have
+    ("application/json", b"{}", 400, "bad_request"),
+])
+async def test_a_delete_with_a_body_is_refused_and_deletes_nothing(
+        api, http_client, base_url, app, harness, fast_paths, path, condition, content_type, body,
+        status, code):
+    """A body on DELETE is never ignored: ``DELETE /keys`` with a list of keys would clear them all."""
+    await api("PUT", "/keys", {"dx": 1, "other": 2})
+    app.fast_paths = fast_paths
+    headers = {**condition, **({"Content-Type": content_type} if content_type else {})}
+    response = await http_client.fetch(base_url + path, method="DELETE", body=body, headers=headers,
+                                       raise_error=False, allow_nonstandard_methods=True)
+    assert response.code == status and error_code(response) == code
+    if status == 400:
+        assert json.loads(response.body)["error"]["message"] == "DELETE takes no body"
+    assert json.loads((await api("GET", "/keys")).body) == {"dx": 1, "other": 2}
+    assert len(harness.journal_lines()) == 1
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/keys/dx", "/keys"])
+async def test_a_delete_with_an_empty_body_still_deletes(api, harness, path):
+    await api("PUT", "/keys", {"dx": 1})
+    response = await api("DELETE", path, raw=b"", headers={"Content-Type": "text/plain"})
+    assert response.code == 204
+    assert (await api("GET", "/keys/dx")).code == 404
+
+
 # --- bad input ----------------------------------------------------------------
 
 

@@ -194,11 +194,8 @@ class KeysBodyHandler(BaseHandler):
     # PATCH names expire_in so that it gets its own message: PATCH keeps the expiry.
     write_parameters = {"PUT": ("expire_in",), "PATCH": ("expire_in",)}
 
-    def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
-        """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
-
-        ``depth`` is how many levels the body adds above the values it holds.
-        """
+    def check_body_type(self, media_types: tuple[str, ...] = (JSON_TYPE,)) -> None:
+        """415 unless the body is sent as one of ``media_types``, in UTF-8."""
         media_type, charset = media_type_and_charset(self.request.headers.get("Content-Type", ""))
         if media_type not in media_types:
             raise UnsupportedMediaType(
@@ -207,7 +204,24 @@ class KeysBodyHandler(BaseHandler):
             )
         if charset not in UTF8_CHARSETS:
             raise UnsupportedMediaType(f"body must be UTF-8 JSON, not charset={charset}")
+
+    def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
+        """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
+
+        ``depth`` is how many levels the body adds above the values it holds.
+        """
+        self.check_body_type(media_types)
         return parse_json(self.request.body, depth)
+
+    def refuse_body(self) -> None:
+        """A DELETE takes no body: 415 for one not sent as JSON (as for any body), else 400.
+
+        Never ignored: a ``DELETE /keys`` whose body lists keys, meant as a
+        multi-delete, would otherwise delete every key.
+        """
+        if self.request.body:
+            self.check_body_type()
+            raise BadRequest("DELETE takes no body")
 
     def encode_value(self, key: str, value: Any) -> bytes:
         return encode_value(key, value, self.ctx.config.server.max_value_bytes)
@@ -427,6 +441,7 @@ class KeysHandler(KeysBodyHandler):
 
     async def delete(self) -> None:
         self.require_ready()
+        self.refuse_body()
         self._check_collection_preconditions()
         await self.commit(Change(op=OP_CLEAR))
         self.set_status(204)
@@ -516,6 +531,7 @@ class KeyHandler(KeysBodyHandler):
     async def delete(self, key: str) -> None:
         self.require_ready()
         check_key(key)
+        self.refuse_body()
 
         def prepare() -> Change:
             self._check_preconditions(key, self.store.current(key))
