@@ -308,12 +308,26 @@ async def test_body_over_limit_is_413(api, harness):
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("expire_in", ["0", "-1", "abc", "nan", "inf", "315360001", ""])
-async def test_bad_expire_in_is_400(api, harness, expire_in):
-    response = await api("PUT", "/keys?expire_in=" + quote(expire_in), {"a": 1})
+@pytest.mark.parametrize("path, body", [("/keys", {"a": 1}), ("/keys/a", 1)])
+@pytest.mark.parametrize("expire_in", [
+    "0", "-1", "abc", "nan", "inf", "315360001", "",
+    # Over the limit by less than a double can tell: compared exactly, not as floats.
+    "315360000.0000000001", "3.1536000000000000001e8", "1e99999999999999999999", "1e-99999999999999999999",
+])
+async def test_bad_expire_in_is_400(api, harness, path, body, expire_in):
+    response = await api("PUT", f"{path}?expire_in=" + quote(expire_in), body)
     assert response.code == 400 and error_code(response) == "bad_request"
     assert "positive" in json.loads(response.body)["error"]["message"]  # -1 is a number; say what is wanted
     assert harness.journal_lines() == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path, body", [("/keys", {"a": 1}), ("/keys/a", 1)])
+@pytest.mark.parametrize("expire_in", ["315360000", "315360000.0000000000", "3.1536e8", "1e-9"])
+async def test_expire_in_up_to_the_limit_exactly_is_accepted(api, harness, path, body, expire_in):
+    response = await api("PUT", f"{path}?expire_in={expire_in}", body)
+    assert response.code in (200, 201), response.body
+    assert len(harness.journal_lines()) == 1
 
 
 @pytest.mark.gen_test
