@@ -75,6 +75,33 @@ async def test_numbers_keep_every_digit_through_writes_reads_patches_and_replay(
         reopened.journal.close_sync()
 
 
+LONGEST_INT = b"9" * 4300  # Python's limit on converting text to int, which kvd keeps
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast-paths", "handlers-only"])
+@pytest.mark.parametrize("method, path, body", [
+    ("PUT", "/keys", b'{"n": %s}'),
+    ("PUT", "/keys/n", b"%s"),
+    ("PUT", "/keys/n", b'{"deep": [1, {"x": -%s}]}'),
+    ("PATCH", "/keys/p", b'{"x": %s}'),
+])
+async def test_an_integer_over_4300_digits_is_a_clear_400_and_one_of_4300_reads_back(
+        api, app, harness, fast_paths, method, path, body):
+    """Not Python's own message, which names sys.set_int_max_str_digits()."""
+    await api("PUT", "/keys/p", {"x": 1})
+    app.fast_paths = fast_paths
+    refused = await api(method, path, raw=body % (LONGEST_INT + b"9"))
+    assert refused.code == 400 and error_code(refused) == "bad_request"
+    assert json.loads(refused.body)["error"]["message"] == (
+        "number too long: integers are limited to 4300 digits")
+    assert len(harness.journal_lines()) == 1
+    accepted = await api(method, path, raw=body % LONGEST_INT)
+    assert accepted.code in (200, 201), accepted.body
+    key = "n" if method == "PUT" else "p"
+    assert LONGEST_INT in (await api("GET", f"/keys/{key}")).body
+
+
 @pytest.mark.gen_test
 async def test_keys_with_slashes_spaces_and_unicode_round_trip(api):
     keys = ["a/b", "with space", "ключ", "?*$\\", "%41"]
