@@ -150,6 +150,21 @@ async def test_if_none_match_current_etag_gives_304(api):
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_if_match_on_a_read_is_412_unless_the_key_is_at_that_etag(api, method):
+    """RFC 9110 section 13.1.1; ``*`` matches any existing key, never an absent one."""
+    await api("PUT", "/keys", {"k": "v"})
+    assert (await api(method, "/keys/k", headers={"If-Match": '"1"'})).code == 200
+    assert (await api(method, "/keys/k", headers={"If-Match": '"7", "1"'})).code == 200
+    assert (await api(method, "/keys/k", headers={"If-Match": "*"})).code == 200
+    for key, if_match in (("k", '"999"'), ("absent", "*"), ("absent", '"1"')):
+        response = await api(method, f"/keys/{key}", headers={"If-Match": if_match})
+        assert response.code == 412, (key, if_match)
+        if method == "GET":
+            assert error_code(response) == "precondition_failed"
+
+
+@pytest.mark.gen_test
 async def test_overwrite_moves_revision_and_etag(api):
     await api("PUT", "/keys", {"k": 1})
     await api("PUT", "/keys", {"other": 1})

@@ -62,6 +62,7 @@ def is_plain_key_read(ctx: AppContext, request: httputil.HTTPServerRequest) -> b
         and not request.query
         and request.path.startswith(PREFIX)
         and len(request.path) > len(PREFIX)
+        and "If-Match" not in request.headers  # KeyHandler evaluates it
         and ctx.plain_reads
         and ctx.store.ready
     )

@@ -464,10 +464,10 @@ class KeyHandler(KeysBodyHandler):
         await self.consistent()
         past = await self.past_state()
         entry = self.store.get(key) if past is None else past.entries.get(key)
-        if entry is None:
-            raise missing_key(key)
-        visible = list(self.visible([(key, entry.value)]))
-        if not visible:  # hidden by a plugin
+        visible = [] if entry is None else list(self.visible([(key, entry.value)]))
+        # RFC 9110 section 13.2.2: If-Match first (412 for an absent key too), then If-None-Match.
+        check_if_match(key, self.request.headers.get("If-Match"), entry if visible else None)
+        if entry is None or not visible:  # absent, or hidden by a plugin
             raise missing_key(key)
         value = visible[0][1]
         tag = etag(entry)
@@ -548,15 +548,20 @@ class KeyHandler(KeysBodyHandler):
         The caller journals the write right after, with no await in between,
         so check and write are one atomic compare-and-set.
         """
-        if_match = self.request.headers.get("If-Match")
-        if if_match is not None:
-            if current is None or not _etag_matches_strongly(if_match, etag(current)):
-                raise PreconditionFailed(
-                    f"key {key!r} is absent" if current is None
-                    else f"key {key!r} is at revision {etag(current)}, not {if_match}"
-                )
+        check_if_match(key, self.request.headers.get("If-Match"), current)
         if none_match_star(self.request.headers.get("If-None-Match")) and current is not None:
             raise PreconditionFailed(f"key {key!r} already exists")
+
+
+def check_if_match(key: str, header: str | None, current: Entry | None) -> None:
+    """If-Match (RFC 9110 section 13.1.1), on reads and writes: 412 unless the key exists
+    and its ETag is one of those listed (``*``: any); nothing when the header is absent."""
+    if header is None:
+        return
+    if current is None:
+        raise PreconditionFailed(f"key {key!r} is absent")
+    if not _etag_matches_strongly(header, etag(current)):
+        raise PreconditionFailed(f"key {key!r} is at revision {etag(current)}, not {header}")
 
 
 def none_match_star(header: str | None) -> bool:

@@ -135,6 +135,11 @@ def parse_hot_request(
     return HotRequest(method, target[len(PREFIX):], headers, body, start + length, connection == b"close")
 
 
+def is_plain_read(request: HotRequest) -> bool:
+    """A GET or HEAD the wire answers: without If-Match, which KeyHandler evaluates."""
+    return b"if-match" not in request.headers
+
+
 def is_plain_write(request: HotRequest) -> bool:
     """A PUT or DELETE the wire answers (plugins permitting): without conditions, and
     for a PUT, with a JSON body."""
@@ -150,7 +155,7 @@ def starts_hot(first: bytes, max_body: int, max_head: int) -> bool:
     they tell: an unfinished head is judged by its request line)."""
     parsed = parse_hot_request(bytearray(first), max_body, max_head)
     if isinstance(parsed, HotRequest):
-        return parsed.method in READS or is_plain_write(parsed)
+        return is_plain_read(parsed) if parsed.method in READS else is_plain_write(parsed)
     if parsed is False:
         return False
     line = first.split(b"\r\n", 1)[0]
@@ -240,7 +245,7 @@ class WireConnection(asyncio.Protocol):
         ctx = self.ctx
         is_read = request.method in READS
         if is_read:
-            allowed = ctx.plain_reads and ctx.store.ready
+            allowed = ctx.plain_reads and ctx.store.ready and is_plain_read(request)
         else:
             allowed = writes_plainly(ctx) and is_plain_write(request)
         if not allowed:
