@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 from urllib.parse import quote
@@ -258,6 +259,35 @@ async def test_a_delete_with_an_empty_body_still_deletes(api, harness, path):
 
 
 # --- bad input ----------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast-paths", "handlers-only"])
+@pytest.mark.parametrize("method, path, body", [
+    ("PUT", "/keys", b'{"k": 2}'), ("PUT", "/keys/k", b"2"), ("PATCH", "/keys/k", b'{"x": 2}'),
+    ("DELETE", "/keys/k", b"2"), ("DELETE", "/keys", b"2"),
+])
+@pytest.mark.parametrize("coding, compress", [("gzip", True), ("gzip", False), ("deflate, identity", False)])
+async def test_a_body_with_a_content_encoding_is_415_naming_it_and_changes_nothing(
+        api, app, harness, fast_paths, method, path, body, coding, compress):
+    """kvd decompresses nothing: a gzipped body is no "malformed JSON", nor a plain one
+    that says it is gzipped stored as it is."""
+    await api("PUT", "/keys", {"k": 1})
+    app.fast_paths = fast_paths
+    response = await api(method, path, raw=gzip.compress(body) if compress else body,
+                         headers={"Content-Encoding": coding})
+    assert response.code == 415 and error_code(response) == "unsupported_media_type"
+    assert json.loads(response.body)["error"]["message"] == (
+        f"Content-Encoding {coding.split(',')[0]} is not supported: send the body uncompressed")
+    assert json.loads((await api("GET", "/keys")).body) == {"k": 1}
+    assert len(harness.journal_lines()) == 1
+
+
+@pytest.mark.gen_test
+async def test_content_encoding_identity_is_a_plain_body_and_a_read_may_carry_any(api, harness):
+    assert (await api("PUT", "/keys/k", raw=b"1", headers={"Content-Encoding": "Identity"})).code == 201
+    assert (await api("GET", "/keys/k", headers={"Content-Encoding": "gzip"})).body == b'{"k":1}'
+    assert (await api("DELETE", "/keys/k", headers={"Content-Encoding": "gzip"})).code == 204
 
 
 BAD_BODIES = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from urllib.parse import quote
 
@@ -129,6 +130,11 @@ WRITES = [
     ("/keys/text", b"1", {"Content-Type": "text/plain"}),
     ("/keys/a", b"3", {**JSON_TYPE, "If-Match": '"1"'}),
     ("/keys/new", b"4", {**JSON_TYPE, "If-None-Match": "*"}),
+    # Content-Encoding: kvd decompresses nothing, so only identity is taken
+    ("/keys/gz", gzip.compress(b"5"), {**JSON_TYPE, "Content-Encoding": "gzip"}),
+    ("/keys/gz", b"5", {**JSON_TYPE, "Content-Encoding": "gzip"}),  # says gzip, is not
+    ("/keys/gz", b"5", {**JSON_TYPE, "Content-Encoding": "identity, br"}),
+    ("/keys/id", b"6", {**JSON_TYPE, "Content-Encoding": "identity"}),
 ]
 
 
@@ -153,7 +159,7 @@ async def test_fast_write_path_answers_and_journals_exactly_like_the_handler(
     fast = await write_answers(http_client, fast_url)
     assert fast == slow
     assert [code for _, code, _, _ in fast] == [201, 200, 201, 201, 201, 400, 400, 400, 400, 400,
-                                                413, 400, 415, 412, 201]
+                                                413, 400, 415, 412, 201, 415, 415, 415, 201]
     assert journal_changes(fast_harness) == journal_changes(slow_harness)
 
 

@@ -39,6 +39,7 @@ from kvd.handlers.base import (
     BaseHandler,
     media_type_and_charset,
     requested_key,
+    unsupported_coding,
 )
 from kvd.handlers.feed import parse_seq, retained_history
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record, parse_ts
@@ -195,7 +196,7 @@ class KeysBodyHandler(BaseHandler):
     write_parameters = {"PUT": ("expire_in",), "PATCH": ("expire_in",)}
 
     def check_body_type(self, media_types: tuple[str, ...] = (JSON_TYPE,)) -> None:
-        """415 unless the body is sent as one of ``media_types``, in UTF-8."""
+        """415 unless the body is sent as one of ``media_types``, in UTF-8, uncompressed."""
         media_type, charset = media_type_and_charset(self.request.headers.get("Content-Type", ""))
         if media_type not in media_types:
             raise UnsupportedMediaType(
@@ -204,6 +205,11 @@ class KeysBodyHandler(BaseHandler):
             )
         if charset not in UTF8_CHARSETS:
             raise UnsupportedMediaType(f"body must be UTF-8 JSON, not charset={charset}")
+        coding = unsupported_coding(self.request.headers.get("Content-Encoding"))
+        if coding is not None:
+            raise UnsupportedMediaType(
+                f"Content-Encoding {coding} is not supported: send the body uncompressed"
+            )
 
     def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
         """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
