@@ -7,8 +7,8 @@ flushed to zero (``1e-400``). A body that may hold such a number goes through
 the standard library's parser instead, which keeps big integers as ints and
 every number a double would change as its own text (an ``orjson.Fragment``),
 written back unchanged. Both paths refuse a number beyond a double's range
-(``1e400``), NaN, Infinity and other non-JSON tokens, and nesting deeper than
-``MAX_DEPTH``.
+(``1e400``), an integer of more than ``MAX_INT_DIGITS`` digits, NaN, Infinity
+and other non-JSON tokens, and nesting deeper than ``MAX_DEPTH``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ import orjson
 
 MAX_DEPTH = 128
 """Deepest nesting of arrays and objects a value may have."""
+
+MAX_INT_DIGITS = 4300
+"""Most digits an integer may have: Python's default limit on converting text to int
+(``sys.get_int_max_str_digits``), kept because the conversion takes quadratic time."""
 
 # A number in value position (after `:`, `,` or `[`, or alone) with 16 or more
 # digits, or a negative exponent of 3 or more digits, may be one orjson changes (an
@@ -70,7 +74,17 @@ def _exact_number(text: str) -> float | orjson.Fragment:
     return orjson.Fragment(text.encode())
 
 
-_exact_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_exact_number)
+def _exact_int(text: str) -> int:
+    """An integer, refused with a clear message beyond ``MAX_INT_DIGITS`` digits (Python's own
+    error names ``sys.set_int_max_str_digits``, which means nothing to a client)."""
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        raise JSONError(f"number too long: integers are limited to {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+_exact_decoder = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_exact_number, parse_int=_exact_int
+)
 
 
 def loads(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 from urllib.parse import quote
@@ -75,6 +76,33 @@ async def test_numbers_keep_every_digit_through_writes_reads_patches_and_replay(
         reopened.journal.close_sync()
 
 
+LONGEST_INT = b"9" * 4300  # Python's limit on converting text to int, which kvd keeps
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast-paths", "handlers-only"])
+@pytest.mark.parametrize("method, path, body", [
+    ("PUT", "/keys", b'{"n": %s}'),
+    ("PUT", "/keys/n", b"%s"),
+    ("PUT", "/keys/n", b'{"deep": [1, {"x": -%s}]}'),
+    ("PATCH", "/keys/p", b'{"x": %s}'),
+])
+async def test_an_integer_over_4300_digits_is_a_clear_400_and_one_of_4300_reads_back(
+        api, app, harness, fast_paths, method, path, body):
+    """Not Python's own message, which names sys.set_int_max_str_digits()."""
+    await api("PUT", "/keys/p", {"x": 1})
+    app.fast_paths = fast_paths
+    refused = await api(method, path, raw=body % (LONGEST_INT + b"9"))
+    assert refused.code == 400 and error_code(refused) == "bad_request"
+    assert json.loads(refused.body)["error"]["message"] == (
+        "number too long: integers are limited to 4300 digits")
+    assert len(harness.journal_lines()) == 1
+    accepted = await api(method, path, raw=body % LONGEST_INT)
+    assert accepted.code in (200, 201), accepted.body
+    key = "n" if method == "PUT" else "p"
+    assert LONGEST_INT in (await api("GET", f"/keys/{key}")).body
+
+
 @pytest.mark.gen_test
 async def test_keys_with_slashes_spaces_and_unicode_round_trip(api):
     keys = ["a/b", "with space", "ключ", "?*$\\", "%41"]
@@ -120,6 +148,21 @@ async def test_if_none_match_current_etag_gives_304(api):
     response = await api("GET", "/keys/k", headers={"If-None-Match": '"1"'})
     assert response.code == 304
     assert (await api("GET", "/keys/k", headers={"If-None-Match": '"7"'})).code == 200
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_if_match_on_a_read_is_412_unless_the_key_is_at_that_etag(api, method):
+    """RFC 9110 section 13.1.1; ``*`` matches any existing key, never an absent one."""
+    await api("PUT", "/keys", {"k": "v"})
+    assert (await api(method, "/keys/k", headers={"If-Match": '"1"'})).code == 200
+    assert (await api(method, "/keys/k", headers={"If-Match": '"7", "1"'})).code == 200
+    assert (await api(method, "/keys/k", headers={"If-Match": "*"})).code == 200
+    for key, if_match in (("k", '"999"'), ("absent", "*"), ("absent", '"1"')):
+        response = await api(method, f"/keys/{key}", headers={"If-Match": if_match})
+        assert response.code == 412, (key, if_match)
+        if method == "GET":
+            assert error_code(response) == "precondition_failed"
 
 
 @pytest.mark.gen_test
@@ -180,7 +223,71 @@ async def test_delete_all_is_one_entry_even_when_empty(api, harness):
     assert json.loads(put.body)["revision"] == 4
 
 
+@pytest.mark.gen_test
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast-paths", "handlers-only"])
+@pytest.mark.parametrize("path", ["/keys/dx", "/keys"])
+@pytest.mark.parametrize("condition", [{}, {"If-Match": "*"}], ids=["plain", "if-match-star"])
+@pytest.mark.parametrize(("content_type", "body", "status", "code"), [
+    ("text/plain", b"hello", 415, "unsupported_media_type"),
+    (None, b"hello", 415, "unsupported_media_type"),
+    ("application/json", b'["dx"]', 400, "bad_request"),  # a multi-delete kvd does not have
+    ("application/json", b"{}", 400, "bad_request"),
+])
+async def test_a_delete_with_a_body_is_refused_and_deletes_nothing(
+        api, http_client, base_url, app, harness, fast_paths, path, condition, content_type, body,
+        status, code):
+    """A body on DELETE is never ignored: ``DELETE /keys`` with a list of keys would clear them all."""
+    await api("PUT", "/keys", {"dx": 1, "other": 2})
+    app.fast_paths = fast_paths
+    headers = {**condition, **({"Content-Type": content_type} if content_type else {})}
+    response = await http_client.fetch(base_url + path, method="DELETE", body=body, headers=headers,
+                                       raise_error=False, allow_nonstandard_methods=True)
+    assert response.code == status and error_code(response) == code
+    if status == 400:
+        assert json.loads(response.body)["error"]["message"] == "DELETE takes no body"
+    assert json.loads((await api("GET", "/keys")).body) == {"dx": 1, "other": 2}
+    assert len(harness.journal_lines()) == 1
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/keys/dx", "/keys"])
+async def test_a_delete_with_an_empty_body_still_deletes(api, harness, path):
+    await api("PUT", "/keys", {"dx": 1})
+    response = await api("DELETE", path, raw=b"", headers={"Content-Type": "text/plain"})
+    assert response.code == 204
+    assert (await api("GET", "/keys/dx")).code == 404
+
+
 # --- bad input ----------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast-paths", "handlers-only"])
+@pytest.mark.parametrize("method, path, body", [
+    ("PUT", "/keys", b'{"k": 2}'), ("PUT", "/keys/k", b"2"), ("PATCH", "/keys/k", b'{"x": 2}'),
+    ("DELETE", "/keys/k", b"2"), ("DELETE", "/keys", b"2"),
+])
+@pytest.mark.parametrize("coding, compress", [("gzip", True), ("gzip", False), ("deflate, identity", False)])
+async def test_a_body_with_a_content_encoding_is_415_naming_it_and_changes_nothing(
+        api, app, harness, fast_paths, method, path, body, coding, compress):
+    """kvd decompresses nothing: a gzipped body is no "malformed JSON", nor a plain one
+    that says it is gzipped stored as it is."""
+    await api("PUT", "/keys", {"k": 1})
+    app.fast_paths = fast_paths
+    response = await api(method, path, raw=gzip.compress(body) if compress else body,
+                         headers={"Content-Encoding": coding})
+    assert response.code == 415 and error_code(response) == "unsupported_media_type"
+    assert json.loads(response.body)["error"]["message"] == (
+        f"Content-Encoding {coding.split(',')[0]} is not supported: send the body uncompressed")
+    assert json.loads((await api("GET", "/keys")).body) == {"k": 1}
+    assert len(harness.journal_lines()) == 1
+
+
+@pytest.mark.gen_test
+async def test_content_encoding_identity_is_a_plain_body_and_a_read_may_carry_any(api, harness):
+    assert (await api("PUT", "/keys/k", raw=b"1", headers={"Content-Encoding": "Identity"})).code == 201
+    assert (await api("GET", "/keys/k", headers={"Content-Encoding": "gzip"})).body == b'{"k":1}'
+    assert (await api("DELETE", "/keys/k", headers={"Content-Encoding": "gzip"})).code == 204
 
 
 BAD_BODIES = [
@@ -273,12 +380,26 @@ async def test_body_over_limit_is_413(api, harness):
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("expire_in", ["0", "-1", "abc", "nan", "inf", "315360001", ""])
-async def test_bad_expire_in_is_400(api, harness, expire_in):
-    response = await api("PUT", "/keys?expire_in=" + quote(expire_in), {"a": 1})
+@pytest.mark.parametrize("path, body", [("/keys", {"a": 1}), ("/keys/a", 1)])
+@pytest.mark.parametrize("expire_in", [
+    "0", "-1", "abc", "nan", "inf", "315360001", "",
+    # Over the limit by less than a double can tell: compared exactly, not as floats.
+    "315360000.0000000001", "3.1536000000000000001e8", "1e99999999999999999999", "1e-99999999999999999999",
+])
+async def test_bad_expire_in_is_400(api, harness, path, body, expire_in):
+    response = await api("PUT", f"{path}?expire_in=" + quote(expire_in), body)
     assert response.code == 400 and error_code(response) == "bad_request"
     assert "positive" in json.loads(response.body)["error"]["message"]  # -1 is a number; say what is wanted
     assert harness.journal_lines() == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path, body", [("/keys", {"a": 1}), ("/keys/a", 1)])
+@pytest.mark.parametrize("expire_in", ["315360000", "315360000.0000000000", "3.1536e8", "1e-9"])
+async def test_expire_in_up_to_the_limit_exactly_is_accepted(api, harness, path, body, expire_in):
+    response = await api("PUT", f"{path}?expire_in={expire_in}", body)
+    assert response.code in (200, 201), response.body
+    assert len(harness.journal_lines()) == 1
 
 
 @pytest.mark.gen_test

@@ -181,6 +181,13 @@ async def test_read_write_token_gets_403_on_metrics_which_needs_admin(api, harne
     assert (await api("HEAD", "/metrics", ADMIN)).code == 200
 
 
+@pytest.mark.gen_test
+async def test_head_of_the_journal_needs_admin_like_its_get(api, harness):
+    for token in (READER, WRITER):
+        assert (await api("HEAD", "/journal", token)).code == 403
+    assert (await api("HEAD", "/journal", ADMIN)).code == 200
+
+
 # --- 200: the scope is there --------------------------------------------------------------
 
 

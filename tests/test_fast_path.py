@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from urllib.parse import quote
 
@@ -21,6 +22,13 @@ REQUESTS = [
     ("/keys/plain", {"If-None-Match": '"9", W/"1"'}),
     ("/keys/plain", {"If-None-Match": '"9"'}),
     ("/keys/plain?at=1", {}),
+    # If-Match (RFC 9110 section 13.1.1): KeyHandler's, on every path
+    ("/keys/plain", {"If-Match": '"1"'}),
+    ("/keys/plain", {"If-Match": "*"}),
+    ("/keys/plain", {"If-Match": '"999"'}),
+    ("/keys/plain", {"If-Match": 'W/"1"'}),  # strong comparison: a weak tag never matches
+    ("/keys/absent", {"If-Match": "*"}),
+    ("/keys/plain", {"If-Match": '"999"', "If-None-Match": '"1"'}),  # If-Match first: 412, not 304
 ]
 COMPARED_HEADERS = ("Content-Type", "ETag", "Cache-Control", "Content-Length", "Allow")
 
@@ -50,7 +58,8 @@ async def test_fast_path_answers_exactly_like_the_handler(http_client, base_url,
     fast = await answers(http_client, base_url)
     assert fast == slow
     assert [code for _, code, _, _ in fast] == [200, 200, 200, 200, 200, 404, 400, 400, 304, 304,
-                                                200, 200]  # ?at=1: KeyHandler reads seq 1
+                                                200, 200,  # ?at=1: KeyHandler reads seq 1
+                                                200, 200, 412, 412, 412, 412]
 
 
 @pytest.mark.gen_test
@@ -69,7 +78,7 @@ async def test_head_on_the_wire_answers_exactly_like_the_handler(http_client, tm
     slow, fast = found
     assert fast == slow
     assert [code for _, code, _, _ in fast] == [200, 200, 200, 200, 200, 404, 400, 400, 304, 304,
-                                                200, 200]
+                                                200, 200, 200, 200, 412, 412, 412, 412]
     assert all(body == b"" for _, _, body, _ in fast)
     gets = await answers(http_client, url)  # GET on the same store: the same lengths
     assert [headers["Content-Length"] for *_, headers in fast] == [
@@ -121,6 +130,11 @@ WRITES = [
     ("/keys/text", b"1", {"Content-Type": "text/plain"}),
     ("/keys/a", b"3", {**JSON_TYPE, "If-Match": '"1"'}),
     ("/keys/new", b"4", {**JSON_TYPE, "If-None-Match": "*"}),
+    # Content-Encoding: kvd decompresses nothing, so only identity is taken
+    ("/keys/gz", gzip.compress(b"5"), {**JSON_TYPE, "Content-Encoding": "gzip"}),
+    ("/keys/gz", b"5", {**JSON_TYPE, "Content-Encoding": "gzip"}),  # says gzip, is not
+    ("/keys/gz", b"5", {**JSON_TYPE, "Content-Encoding": "identity, br"}),
+    ("/keys/id", b"6", {**JSON_TYPE, "Content-Encoding": "identity"}),
 ]
 
 
@@ -145,7 +159,7 @@ async def test_fast_write_path_answers_and_journals_exactly_like_the_handler(
     fast = await write_answers(http_client, fast_url)
     assert fast == slow
     assert [code for _, code, _, _ in fast] == [201, 200, 201, 201, 201, 400, 400, 400, 400, 400,
-                                                413, 400, 415, 412, 201]
+                                                413, 400, 415, 412, 201, 415, 415, 415, 201]
     assert journal_changes(fast_harness) == journal_changes(slow_harness)
 
 

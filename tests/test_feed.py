@@ -217,6 +217,33 @@ async def test_malformed_since_follow_last_event_id_or_key_is_a_400(api, harness
     assert harness.journal.last_seq == 2 and not feed_handlers(harness) and held_pins(harness) == 0
 
 
+@pytest.mark.gen_test(timeout=10)
+@pytest.mark.parametrize("query, headers, status, content_type", [
+    ("", {}, 200, "application/x-ndjson"),
+    ("since=3&key=k*", {}, 200, "application/x-ndjson"),
+    ("", {"Accept": "text/event-stream"}, 200, "text/event-stream"),
+    ("follow=1", {}, 200, "application/x-ndjson"),  # ends at once: nothing to stream
+    ("since=0&follow=1", {"Accept": "text/event-stream"}, 200, "text/event-stream"),
+    ("since=abc", {}, 400, "application/json"),
+    ("follow=2", {}, 400, "application/json"),
+])
+async def test_head_answers_like_get_without_the_body_and_never_streams(
+        api, harness, query, headers, status, content_type):
+    await write_many(harness.store, 5)
+    head = await api("HEAD", "/journal?" + query, headers=headers)
+    assert (head.code, head.headers["Content-Type"], head.body) == (status, content_type, b"")
+    if "follow" not in query:
+        get = await api("GET", "/journal?" + query, headers=headers)
+        assert (get.code, get.headers["Content-Type"]) == (status, content_type)
+    assert harness.journal.last_seq == 5 and not feed_handlers(harness) and held_pins(harness) == 0
+
+
+@pytest.mark.gen_test
+async def test_journal_allows_get_and_head_only(api):
+    response = await api("POST", "/journal", {})
+    assert response.code == 405 and response.headers["Allow"] == "GET, HEAD"
+
+
 @pytest.mark.gen_test
 async def test_key_pattern_keeps_records_that_touch_a_matching_key_and_every_clear(api, harness):
     store = harness.store
@@ -265,6 +292,9 @@ async def test_since_older_than_the_retained_history_is_a_410(api, harness):
     assert (await api("GET", f"/journal?since={oldest - 2}")).code == 410
     follow = await api("GET", "/journal?since=0&follow=1")
     assert follow.code == 410
+    for query in ("since=0", "since=0&follow=1"):  # HEAD: GET's status, no body
+        head = await api("HEAD", "/journal?" + query)
+        assert (head.code, head.body) == (410, b"")
     assert not feed_handlers(harness) and held_pins(harness) == 0
 
     # From the oldest retained record on it answers; without since, that is where it starts.

@@ -67,3 +67,12 @@ def test_the_plain_common_body_takes_the_fast_path():
     assert not jsonio.needs_exact_parse(b'{"id": "3f2a10e4-12e4-4a5e", "n": 12, "x": 0.5, "y": 1.5e3}')
     assert jsonio.needs_exact_parse(b'{"n": 12345678901234567}')
     assert jsonio.needs_exact_parse(b'{"n": 1.5E-400}')
+
+
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_an_integer_of_up_to_4300_digits_reads_back_digit_for_digit_and_longer_is_refused_clearly(sign):
+    longest = sign.encode() + b"7" * jsonio.MAX_INT_DIGITS
+    assert jsonio.dumps(jsonio.loads(b'{"n": [' + longest + b"]}")) == b'{"n":[' + longest + b"]}"
+    with pytest.raises(jsonio.JSONError) as refused:
+        jsonio.loads(b'{"n": [' + longest + b"7]}")
+    assert str(refused.value) == "number too long: integers are limited to 4300 digits"

@@ -164,9 +164,9 @@ async def test_a_request_only_tornado_answers_hands_the_connection_over_mid_pipe
         (put("c", 1).replace(b"application/json", b"text/plain"), 415, None),
         # a condition
         (put("c", 1, "If-Match: \"7\"\r\n"), 412, None),
-        # a conditional DELETE, and one with a body: KeyHandler's
+        # a conditional DELETE, and one with a body (which it refuses): KeyHandler's
         (delete("c", "If-Match: \"7\"\r\n"), 412, None),
-        (delete("c", "Content-Length: 2\r\n") + b"{}", 404, None),
+        (delete("c", "Content-Length: 2\r\nContent-Type: application/json\r\n") + b"{}", 400, None),
         # a query string
         (b"PUT /keys/c?expire_in=60 HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
          b"Content-Length: 1\r\n\r\n6", 201, b"6"),

@@ -36,6 +36,16 @@ def media_type_and_charset(content_type: str) -> tuple[str, str | None]:
     return media_type.strip().lower(), charset
 
 
+def unsupported_coding(content_encoding: str | None) -> str | None:
+    """The first coding of a Content-Encoding header other than ``identity`` (lower-cased),
+    or None: kvd reads bodies as sent, never decompressed."""
+    for coding in (content_encoding or "").split(","):
+        coding = coding.strip().lower()
+        if coding and coding != "identity":
+            return coding
+    return None
+
+
 STANDARD_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
 

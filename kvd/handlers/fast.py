@@ -62,6 +62,7 @@ def is_plain_key_read(ctx: AppContext, request: httputil.HTTPServerRequest) -> b
         and not request.query
         and request.path.startswith(PREFIX)
         and len(request.path) > len(PREFIX)
+        and "If-Match" not in request.headers  # KeyHandler evaluates it
         and ctx.plain_reads
         and ctx.store.ready
     )
@@ -173,10 +174,11 @@ def writes_plainly(ctx: AppContext) -> bool:
     )
 
 
-def is_json_write(content_type: str, conditional: bool) -> bool:
-    """A JSON body without If-Match/If-None-Match: what the fast write paths take."""
+def is_json_write(content_type: str, conditional: bool, encoded: bool) -> bool:
+    """A JSON body without If-Match/If-None-Match or Content-Encoding: what the fast write
+    paths take (KeyHandler judges conditions and encodings)."""
     media_type, charset = media_type_and_charset(content_type)
-    return not conditional and media_type == JSON_TYPE and charset in UTF8_CHARSETS
+    return not conditional and not encoded and media_type == JSON_TYPE and charset in UTF8_CHARSETS
 
 
 def is_plain_key_write(ctx: AppContext, request: httputil.HTTPServerRequest) -> bool:
@@ -191,7 +193,8 @@ def is_plain_key_write(ctx: AppContext, request: httputil.HTTPServerRequest) -> 
         return False
     headers = request.headers
     return is_json_write(
-        headers.get("Content-Type", ""), "If-Match" in headers or "If-None-Match" in headers
+        headers.get("Content-Type", ""), "If-Match" in headers or "If-None-Match" in headers,
+        "Content-Encoding" in headers,
     )
 
 

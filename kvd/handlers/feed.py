@@ -1,5 +1,8 @@
 """``GET /journal``: the change feed, as JSON Lines or Server-Sent Events.
 
+``HEAD /journal`` answers with GET's status and headers (``?follow=1`` too)
+and ends at once.
+
 Each record is sent as the journal's own line (``Record.line``), byte for
 byte, so a consumer can check its hash and the chain. ``?since=SEQ`` starts
 after SEQ (``Last-Event-ID`` does the same and wins, so an EventSource
@@ -135,7 +138,7 @@ class FeedHandler(BaseHandler):
     """``GET /journal``: records as they are in the journal; see the module docstring."""
 
     endpoint = "/journal"
-    scopes = {"GET": ADMIN}
+    scopes = {"GET": ADMIN, "HEAD": ADMIN}
 
     HISTORY_BATCH_RECORDS = 1000
     """Records read from disk (and flushed to the client) at a time."""
@@ -178,7 +181,7 @@ class FeedHandler(BaseHandler):
         self._sse = wants_sse(self.request.headers.get("Accept", ""))
         journal = self.ctx.journal
         try:
-            if follow:
+            if follow and self.request.method != "HEAD":
                 # In this order, in one loop turn: subscribe, note the head, pin.
                 self._subscribe()
                 head = journal.last_seq
@@ -188,6 +191,11 @@ class FeedHandler(BaseHandler):
                 self.ctx.streams.add(self._end_from_outside)
                 await self._open(history, start, head)
                 await self._follow_on(history, head)
+            elif self.request.method == "HEAD":
+                # GET's checks, its 410 (found by reading the first batch) and its headers,
+                # then the end: a HEAD has no records to send, and none to wait for.
+                head = journal.last_seq
+                await self._open(history, head if follow and since is None else since, head)
             else:
                 head = journal.last_seq
                 await self._open(history, since, head)
@@ -203,6 +211,8 @@ class FeedHandler(BaseHandler):
                 self.finish()
             except StreamClosedError:
                 pass
+
+    head = get  # GET's status and headers; see get for why a HEAD never streams
 
     def _since(self) -> int | None:
         """Where to start: ``Last-Event-ID`` (an EventSource resuming) over ``since``; both checked."""

@@ -39,6 +39,7 @@ from kvd.handlers.base import (
     BaseHandler,
     media_type_and_charset,
     requested_key,
+    unsupported_coding,
 )
 from kvd.handlers.feed import parse_seq, retained_history
 from kvd.log.format import OP_CLEAR, OP_DELETE, OP_PUT, Record, parse_ts
@@ -194,11 +195,8 @@ class KeysBodyHandler(BaseHandler):
     # PATCH names expire_in so that it gets its own message: PATCH keeps the expiry.
     write_parameters = {"PUT": ("expire_in",), "PATCH": ("expire_in",)}
 
-    def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
-        """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
-
-        ``depth`` is how many levels the body adds above the values it holds.
-        """
+    def check_body_type(self, media_types: tuple[str, ...] = (JSON_TYPE,)) -> None:
+        """415 unless the body is sent as one of ``media_types``, in UTF-8, uncompressed."""
         media_type, charset = media_type_and_charset(self.request.headers.get("Content-Type", ""))
         if media_type not in media_types:
             raise UnsupportedMediaType(
@@ -207,7 +205,29 @@ class KeysBodyHandler(BaseHandler):
             )
         if charset not in UTF8_CHARSETS:
             raise UnsupportedMediaType(f"body must be UTF-8 JSON, not charset={charset}")
+        coding = unsupported_coding(self.request.headers.get("Content-Encoding"))
+        if coding is not None:
+            raise UnsupportedMediaType(
+                f"Content-Encoding {coding} is not supported: send the body uncompressed"
+            )
+
+    def json_body(self, media_types: tuple[str, ...] = (JSON_TYPE,), depth: int = 1) -> Any:
+        """The parsed body; 415 for another content type, 413 over the limit, 400 if bad.
+
+        ``depth`` is how many levels the body adds above the values it holds.
+        """
+        self.check_body_type(media_types)
         return parse_json(self.request.body, depth)
+
+    def refuse_body(self) -> None:
+        """A DELETE takes no body: 415 for one not sent as JSON (as for any body), else 400.
+
+        Never ignored: a ``DELETE /keys`` whose body lists keys, meant as a
+        multi-delete, would otherwise delete every key.
+        """
+        if self.request.body:
+            self.check_body_type()
+            raise BadRequest("DELETE takes no body")
 
     def encode_value(self, key: str, value: Any) -> bytes:
         return encode_value(key, value, self.ctx.config.server.max_value_bytes)
@@ -427,6 +447,7 @@ class KeysHandler(KeysBodyHandler):
 
     async def delete(self) -> None:
         self.require_ready()
+        self.refuse_body()
         self._check_collection_preconditions()
         await self.commit(Change(op=OP_CLEAR))
         self.set_status(204)
@@ -449,10 +470,10 @@ class KeyHandler(KeysBodyHandler):
         await self.consistent()
         past = await self.past_state()
         entry = self.store.get(key) if past is None else past.entries.get(key)
-        if entry is None:
-            raise missing_key(key)
-        visible = list(self.visible([(key, entry.value)]))
-        if not visible:  # hidden by a plugin
+        visible = [] if entry is None else list(self.visible([(key, entry.value)]))
+        # RFC 9110 section 13.2.2: If-Match first (412 for an absent key too), then If-None-Match.
+        check_if_match(key, self.request.headers.get("If-Match"), entry if visible else None)
+        if entry is None or not visible:  # absent, or hidden by a plugin
             raise missing_key(key)
         value = visible[0][1]
         tag = etag(entry)
@@ -516,6 +537,7 @@ class KeyHandler(KeysBodyHandler):
     async def delete(self, key: str) -> None:
         self.require_ready()
         check_key(key)
+        self.refuse_body()
 
         def prepare() -> Change:
             self._check_preconditions(key, self.store.current(key))
@@ -532,15 +554,20 @@ class KeyHandler(KeysBodyHandler):
         The caller journals the write right after, with no await in between,
         so check and write are one atomic compare-and-set.
         """
-        if_match = self.request.headers.get("If-Match")
-        if if_match is not None:
-            if current is None or not _etag_matches_strongly(if_match, etag(current)):
-                raise PreconditionFailed(
-                    f"key {key!r} is absent" if current is None
-                    else f"key {key!r} is at revision {etag(current)}, not {if_match}"
-                )
+        check_if_match(key, self.request.headers.get("If-Match"), current)
         if none_match_star(self.request.headers.get("If-None-Match")) and current is not None:
             raise PreconditionFailed(f"key {key!r} already exists")
+
+
+def check_if_match(key: str, header: str | None, current: Entry | None) -> None:
+    """If-Match (RFC 9110 section 13.1.1), on reads and writes: 412 unless the key exists
+    and its ETag is one of those listed (``*``: any); nothing when the header is absent."""
+    if header is None:
+        return
+    if current is None:
+        raise PreconditionFailed(f"key {key!r} is absent")
+    if not _etag_matches_strongly(header, etag(current)):
+        raise PreconditionFailed(f"key {key!r} is at revision {etag(current)}, not {header}")
 
 
 def none_match_star(header: str | None) -> bool:

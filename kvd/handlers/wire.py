@@ -9,10 +9,10 @@ this machine; see docs/benchmarks.md for kvd's own figures).
 
 What a connection answers itself: GET, HEAD, PUT and DELETE of ``/keys/{id}``
 that arrive whole and in the plainest form (HTTP/1.1 with one Host, no query, a
-Content-Length body on PUT with a JSON content type, no body otherwise, no
-conditions on a write, at most If-None-Match on a read), and only their success
-answers, a 404 and a write's journal error, built by the same functions
-``kvd.handlers.fast`` and KeyHandler use. On anything else (another path,
+Content-Length body on PUT with a JSON content type and no Content-Encoding, no
+body otherwise, no conditions on a write, at most If-None-Match on a read), and
+only their success answers, a 404 and a write's journal error, built by the same
+functions ``kvd.handlers.fast`` and KeyHandler use. On anything else (another path,
 an absent or bad key, a bad body, a chunked or unfinished body, HTTP/1.0, an
 unusual header) the connection is handed to tornado's HTTPServer together
 with the bytes not yet answered, and stays there: tornado and the URL table
@@ -63,8 +63,8 @@ HOLD_WHILE_ANSWERING = 1 << 20  # stop reading a pipelining client with this muc
 # requires on HTTP/1.1; a second copy of any of them sends the request to tornado,
 # which judges it.
 _WATCHED = frozenset(
-    (b"content-length", b"transfer-encoding", b"content-type", b"if-match", b"if-none-match",
-     b"expect", b"connection", b"host")
+    (b"content-length", b"transfer-encoding", b"content-type", b"content-encoding", b"if-match",
+     b"if-none-match", b"expect", b"connection", b"host")
 )
 
 
@@ -135,14 +135,21 @@ def parse_hot_request(
     return HotRequest(method, target[len(PREFIX):], headers, body, start + length, connection == b"close")
 
 
+def is_plain_read(request: HotRequest) -> bool:
+    """A GET or HEAD the wire answers: without If-Match, which KeyHandler evaluates."""
+    return b"if-match" not in request.headers
+
+
 def is_plain_write(request: HotRequest) -> bool:
     """A PUT or DELETE the wire answers (plugins permitting): without conditions, and
-    for a PUT, with a JSON body."""
+    for a PUT, with a JSON body and no Content-Encoding."""
     headers = request.headers
     conditional = b"if-match" in headers or b"if-none-match" in headers
     if request.method == b"DELETE":
         return not conditional
-    return is_json_write(headers.get(b"content-type", b"").decode("latin-1"), conditional)
+    return is_json_write(
+        headers.get(b"content-type", b"").decode("latin-1"), conditional, b"content-encoding" in headers
+    )
 
 
 def starts_hot(first: bytes, max_body: int, max_head: int) -> bool:
@@ -150,7 +157,7 @@ def starts_hot(first: bytes, max_body: int, max_head: int) -> bool:
     they tell: an unfinished head is judged by its request line)."""
     parsed = parse_hot_request(bytearray(first), max_body, max_head)
     if isinstance(parsed, HotRequest):
-        return parsed.method in READS or is_plain_write(parsed)
+        return is_plain_read(parsed) if parsed.method in READS else is_plain_write(parsed)
     if parsed is False:
         return False
     line = first.split(b"\r\n", 1)[0]
@@ -240,7 +247,7 @@ class WireConnection(asyncio.Protocol):
         ctx = self.ctx
         is_read = request.method in READS
         if is_read:
-            allowed = ctx.plain_reads and ctx.store.ready
+            allowed = ctx.plain_reads and ctx.store.ready and is_plain_read(request)
         else:
             allowed = writes_plainly(ctx) and is_plain_write(request)
         if not allowed:

@@ -9,8 +9,8 @@ never depend on the clock.
 
 from __future__ import annotations
 
-import math
 import re
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -51,12 +51,16 @@ class ExpiryPlugin:
             raise BadRequest(
                 f"expire_in must be a positive decimal number of seconds (30, 1.5, 1e3), not {expire_in!r}"
             )
-        seconds = float(expire_in)
-        if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_EXPIRE_IN:
+        try:
+            # Compared exactly: as a float, 315360000.0000000001 rounds down to the limit.
+            exact: Decimal | None = Decimal(expire_in)
+        except InvalidOperation:  # an exponent beyond what a Decimal holds (1e99999999999999999999)
+            exact = None
+        if exact is None or not 0 < exact <= MAX_EXPIRE_IN:
             raise BadRequest(
                 f"expire_in must be a positive number of seconds up to {MAX_EXPIRE_IN}"
             )
-        return now + seconds
+        return now + float(exact)
 
     @hookimpl
     def periodic_tasks(self, ctx: AppContext) -> list[PeriodicTask]:
