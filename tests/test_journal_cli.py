@@ -670,6 +670,34 @@ def test_history_after_compaction_without_archive_says_what_is_gone(tmp_path, kv
     assert f"at seq {oldest} the key held a value" in ran.err
 
 
+def test_dump_and_history_print_what_they_read_before_damage_then_exit_1(
+        archived, tmp_path, kvd_journal):
+    """The exit status auditing.md promises: the output up to the damage, then an error and 1,
+    also for a key with no change before it."""
+    intact = archived[0]
+    data_dir = copy_of(intact, tmp_path)
+    segment = Layout.scan(data_dir).archived_segments[1]
+    lines = segment_lines(segment)
+    bad = seq_of(lines[1])
+    lines[1] = edited(lines[1])
+    segment.write_bytes(b"".join(lines))
+    error = f"kvd: error: journal damaged in {segment} at byte {len(lines[0])} (seq {bad}): checksum mismatch"
+
+    dump = kvd_journal("dump", data_dir)
+    assert dump.code == 1 and dump.err.startswith(error)
+    assert [record["seq"] for record in dump.lines()] == list(range(1, bad))
+
+    changes = kvd_journal("history", intact, "k1").lines()
+    before = [change for change in changes if change["seq"] < bad]
+    assert before and len(before) < len(changes)  # changes on both sides of the damage
+    history = kvd_journal("history", data_dir, "k1")
+    assert history.code == 1 and history.err.startswith(error)
+    assert history.lines() == before
+    never = kvd_journal("history", data_dir, "never-written")
+    assert never.code == 1 and never.out == b"" and never.err.startswith(error)
+    assert kvd_journal("history", intact, "never-written").code == 0  # only the damage makes it 1
+
+
 # --- stats ---------------------------------------------------------------------------
 
 
