@@ -88,7 +88,8 @@ def _add_journal_commands(commands: argparse._SubParsersAction) -> None:
         actions, "dump", "print records as JSON Lines, exactly as stored",
         "Print the retained records (archive included), oldest first, byte for byte as "
         "stored, so jq works and every hash can be recomputed. Filters combine (AND). "
-        "Ranges are inclusive at both ends.",
+        "Ranges are inclusive at both ends. On a damaged journal: the records before the "
+        "damage, then an error naming it, exit 1.",
     )
     dump.add_argument(
         "--key", metavar="PATTERN", type=_key_pattern,
@@ -133,7 +134,8 @@ def _add_journal_commands(commands: argparse._SubParsersAction) -> None:
         'One line per record that changed KEY: {"seq", "ts", "op", "actor" and "client" when '
         'recorded, "value" and "expires" for a put}. delete, expire and clear records show '
         "with their op (a clear only when the key existed). KEY is literal, not a pattern. "
-        "Exit 0 with no output when the key never changed in the retained history.",
+        "Exit 0 with no output when the key never changed in the retained history. On a "
+        "damaged journal: the changes before the damage, then an error naming it, exit 1.",
     )
     history.add_argument("key", metavar="KEY", help="the key (literal)")
 

@@ -267,6 +267,37 @@ async def test_tokens_never_appear_in_journal_metrics_or_logs(api, harness, capl
     assert b'"actor":"ci"' in journal
 
 
+def console_blocks(text: str) -> list[list[str]]:
+    """The lines of each ```console block in ``text``."""
+    return [block.split("```", 1)[0].strip().splitlines() for block in text.split("```console\n")[1:]]
+
+
+@pytest.mark.gen_test
+async def test_who_changed_a_key_is_the_command_auth_md_shows_with_its_output(
+        api, harness, capsysbinary):
+    """docs/auth.md, "Where the actor shows up": the command shown runs and prints those lines."""
+    from kvd.cli import main
+
+    assert (await api("PUT", "/keys/config%2Fprice", WRITER, {"amount": 10, "currency": "EUR"})).code == 201
+    assert (await api("DELETE", "/keys/config%2Fprice", ADMIN)).code == 204
+    text = (Path(__file__).parent.parent / "docs" / "auth.md").read_text()
+    section = text.split("## Where the actor shows up", 1)[1].split("\n## ", 1)[0]
+    command, *shown = console_blocks(section)[0]
+    assert command == "$ kvd journal history config/price --data-dir data"
+    args = command.split()[2:]
+    args[args.index("data")] = str(harness.data_dir)
+    capsysbinary.readouterr()
+    assert main(args) == 0
+    ran = [json.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
+    documented = [json.loads(line) for line in shown]
+    for line in ran + documented:
+        del line["ts"]  # differs from run to run
+    assert ran == documented == [
+        {"seq": 1, "op": "put", "actor": "ci", "value": {"amount": 10, "currency": "EUR"}},
+        {"seq": 2, "op": "delete", "actor": "ops"},
+    ]
+
+
 # --- configurable route scopes ------------------------------------------------------------
 
 

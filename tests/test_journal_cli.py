@@ -384,6 +384,142 @@ def test_verify_detects_a_removed_archive_segment(archived, tmp_path, kvd_journa
     assert f"(seq {first}): records {first}..{following - 1} are missing" in ran.text
 
 
+@pytest.mark.parametrize("removed", [1, 2])
+def test_verify_detects_the_oldest_archived_segments_removed(archived, tmp_path, kvd_journal, removed):
+    """Nothing is left before them to break a link, so the chain alone passed: the history
+    must still start at seq 1 or right after a retained snapshot."""
+    intact, session = archived
+    anchor = kvd_journal("verify", intact).text.split("anchor:    ")[1].split()[0]
+    data_dir = copy_of(intact, tmp_path)
+    archive = Layout.scan(data_dir).archived_segments
+    for path in archive[:removed]:
+        path.unlink()
+    oldest = archive[removed]
+    first = segment_first_seq(oldest)
+    assert first - 1 < min(snapshot_seq(path) for path in Layout.scan(data_dir).all_snapshots)
+    missing = (f"DAMAGED: {oldest} at byte 0 (seq 1): records 1..{first - 1} are missing: the oldest "
+               f"retained segment starts at seq {first}, and no retained snapshot ends at seq {first - 1}")
+    for args in ([], ["--expect-head", anchor]):
+        ran = kvd_journal("verify", data_dir, *args)
+        assert ran.code == 1, ran.text
+        assert ran.text.splitlines()[0] == missing
+        assert f"records {first}..{session.last} check out" in ran.text  # the rest is still checked
+        assert "ok:" not in ran.text
+    assert reopen_state(data_dir)[0] == session.last  # start-up reads no archive: it opens
+
+
+def test_stats_history_and_dump_report_records_missing_from_the_start(archived, tmp_path, kvd_journal):
+    """They print what is retained, then name the gap and exit 1, instead of starting the
+    history later as if a compaction without archive had dropped the first records."""
+    data_dir = copy_of(archived[0], tmp_path)
+    archive = Layout.scan(data_dir).archived_segments
+    archive[0].unlink()
+    first = segment_first_seq(archive[1])
+    error = (f"kvd: error: journal damaged in {archive[1]} at byte 0 (seq 1): records 1..{first - 1} "
+             "are missing")
+    stats = kvd_journal("stats", data_dir, "--json")
+    assert stats.code == 1 and stats.err.startswith(error)
+    figures = json.loads(stats.out)
+    assert figures["first"]["seq"] == first and figures["damage"].startswith(error[len("kvd: error: "):])
+    assert figures["live_keys"] is not None  # the state at the head is still known
+    history = kvd_journal("history", data_dir, "k1")
+    assert history.code == 1 and history.err.startswith(error)
+    assert "no longer retained" not in history.err  # it was not compacted away
+    assert history.lines() == [
+        line for line in kvd_journal("history", archived[0], "k1").lines() if line["seq"] >= first
+    ]
+    dump = kvd_journal("dump", data_dir)
+    assert dump.code == 1 and dump.err.startswith(error)
+    assert [record["seq"] for record in dump.lines()] == list(range(first, archived[1].last + 1))
+    later = kvd_journal("dump", data_dir, "--since-seq", str(first))  # asks for nothing missing
+    assert later.code == 0 and later.err == "" and later.out == dump.out
+
+
+def turn_archive_on_after_a_compaction(data_dir: Path) -> None:
+    """A store compacted without archive, then with it: the old snapshot opens the archive."""
+    session = build(data_dir, archive=False, compactions=1)
+    clock = Clock(session.times[-1])
+
+    async def run() -> None:
+        opened = open_store(data_dir, clock, archive=True)
+        await random_session(opened, clock, session, 40, seed=7, start=2000)
+        await opened.compactor.compact()
+        await opened.journal.close()
+
+    asyncio.run(run())
+    layout = Layout.scan(data_dir)
+    assert layout.archived_snapshots and layout.archived_segments
+    assert segment_first_seq(layout.archived_segments[0]) == snapshot_seq(layout.archived_snapshots[0]) + 1
+
+
+def leave_a_covered_live_segment(data_dir: Path) -> None:
+    """Compacted without archive, one segment the snapshot covers not yet retired (a crash
+    in the middle of the retirement, or a change-feed reader still sending it)."""
+    layout = Layout.scan(data_dir)
+    base = snapshot_seq(layout.snapshots[-1])
+    covered = [path for path in layout.archived_segments if segment_first_seq(path) <= base]
+    covered[-1].rename(data_dir / covered[-1].name)
+    shutil.rmtree(data_dir / "archive")
+    oldest = Layout.scan(data_dir).segments[0]
+    assert oldest.name == covered[-1].name and segment_first_seq(oldest) - 1 != base
+
+
+@pytest.mark.parametrize("layout", [
+    "empty directory", "fresh store", "compacted without archive", "a covered live segment",
+    "archive turned on after a compaction", "crashed before retiring, archive on",
+])
+def test_verify_passes_every_layout_compaction_leaves_and_start_up_opens_them(
+        archived, tmp_path, kvd_journal, layout):
+    data_dir = tmp_path / "data"
+    if layout == "empty directory":
+        data_dir.mkdir()
+    elif layout == "fresh store":
+        open_store(data_dir, Clock()).journal.close_sync()
+        assert [path.name for path in Layout.scan(data_dir).segments] == [segment_name(1)]
+    elif layout == "archive turned on after a compaction":
+        turn_archive_on_after_a_compaction(data_dir)
+    else:
+        data_dir = copy_of(archived[0], tmp_path)
+        if layout == "compacted without archive":
+            shutil.rmtree(data_dir / "archive")
+        elif layout == "a covered live segment":
+            leave_a_covered_live_segment(data_dir)
+        else:
+            crashed_before_retiring(data_dir)
+    ran = kvd_journal("verify", data_dir)
+    assert ran.code == 0, ran.text
+    if layout == "a covered live segment":
+        assert "not linked back, but the snapshot at seq" in ran.text
+    for action, *args in (("stats",), ("history", "k1"), ("dump",)):
+        assert kvd_journal(action, data_dir, *args).code == 0, action
+    reopen_state(data_dir)  # and start-up opens it
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_verify_and_start_up_both_refuse_live_segments_starting_too_late(
+        archived, tmp_path, kvd_journal, snapshot):
+    """No archive: the live segments start after seq 1 with no snapshot, or after the
+    snapshot's seq + 1. Start-up stops at their first record; verify names the gap."""
+    data_dir = copy_of(archived[0], tmp_path)
+    shutil.rmtree(data_dir / "archive")
+    layout = Layout.scan(data_dir)
+    if snapshot:
+        base = snapshot_seq(layout.snapshots[-1])
+        layout.segments[0].unlink()
+        oldest = layout.segments[1]
+    else:
+        base = 0
+        layout.snapshots[-1].unlink()
+        oldest = layout.segments[0]
+    first = segment_first_seq(oldest)
+    ran = kvd_journal("verify", data_dir)
+    assert ran.code == 1
+    assert ran.text.startswith(f"DAMAGED: {oldest} at byte 0 (seq {base + 1}): records {base + 1}..{first - 1} "
+                               "are missing")
+    with pytest.raises(JournalCorrupt, match=rf"\(seq {base + 1}\): sequence {first}, expected {base + 1}$"):
+        reopen_state(data_dir)
+
+
 @pytest.mark.parametrize("moves", [1, 1000])
 def test_verify_starts_over_when_files_move_and_never_calls_that_damage(
     archived, tmp_path, kvd_journal, monkeypatch, moves
@@ -668,6 +804,34 @@ def test_history_after_compaction_without_archive_says_what_is_gone(tmp_path, kv
     assert all(line["seq"] > oldest for line in ran.lines())
     assert f"records before seq {oldest + 1} are no longer retained" in ran.err
     assert f"at seq {oldest} the key held a value" in ran.err
+
+
+def test_dump_and_history_print_what_they_read_before_damage_then_exit_1(
+        archived, tmp_path, kvd_journal):
+    """The exit status auditing.md promises: the output up to the damage, then an error and 1,
+    also for a key with no change before it."""
+    intact = archived[0]
+    data_dir = copy_of(intact, tmp_path)
+    segment = Layout.scan(data_dir).archived_segments[1]
+    lines = segment_lines(segment)
+    bad = seq_of(lines[1])
+    lines[1] = edited(lines[1])
+    segment.write_bytes(b"".join(lines))
+    error = f"kvd: error: journal damaged in {segment} at byte {len(lines[0])} (seq {bad}): checksum mismatch"
+
+    dump = kvd_journal("dump", data_dir)
+    assert dump.code == 1 and dump.err.startswith(error)
+    assert [record["seq"] for record in dump.lines()] == list(range(1, bad))
+
+    changes = kvd_journal("history", intact, "k1").lines()
+    before = [change for change in changes if change["seq"] < bad]
+    assert before and len(before) < len(changes)  # changes on both sides of the damage
+    history = kvd_journal("history", data_dir, "k1")
+    assert history.code == 1 and history.err.startswith(error)
+    assert history.lines() == before
+    never = kvd_journal("history", data_dir, "never-written")
+    assert never.code == 1 and never.out == b"" and never.err.startswith(error)
+    assert kvd_journal("history", intact, "never-written").code == 0  # only the damage makes it 1
 
 
 # --- stats ---------------------------------------------------------------------------

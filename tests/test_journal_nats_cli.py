@@ -163,7 +163,9 @@ async def publish(url: str, built: Built, snapshots: list[int], tmp: Path, *, pu
                 )
                 await nats_stream.upload_snapshot(store, path, built.stream_seq_of[seq])
             built.snapshots = list(snapshots)
-        if purge:  # "after": up to and with the newest snapshot's message; "keep": without it
+        if purge == "front":  # the first three messages, whatever the snapshots
+            await js.purge_stream(built.stream, seq=4)
+        elif purge:  # "after": up to and with the newest snapshot's message; "keep": without it
             message = built.stream_seq_of[snapshots[-1]]
             await js.purge_stream(built.stream, seq=message + 1 if purge == "after" else message)
     finally:
@@ -401,12 +403,30 @@ def test_a_purge_that_keeps_the_snapshots_message(journal, nats_server, tmp_path
     verify = journal("verify", "KEPT", "--keep-export", str(kept))
     assert verify.code == 0, verify.text + verify.err
     assert f"records:   {first}..{built.last}" in verify.text
-    assert (kept / "archive" / segment_name(first)).read_bytes() == b"".join(built.lines[first - 1 : snap])
+    assert f"not linked back, but the snapshot at seq {snap} covers them" in verify.text
+    # Top level, as a file store keeps a segment a compaction has yet to retire: with
+    # nothing before it, it is no archived history (which would have to start at seq 1).
+    assert (kept / segment_name(first)).read_bytes() == b"".join(built.lines[first - 1 : snap])
+    assert not (kept / "archive").exists()
     assert (kept / segment_name(snap + 1)).read_bytes() == b"".join(built.lines[snap:])
     dump = journal("dump", "KEPT")
     assert dump.out == b"".join(built.lines[first - 1 :])
     replay = journal("replay", "KEPT", "--seq", str(built.last))
     assert json.loads(replay.out) == built.model(built.last)
+
+
+def test_a_stream_missing_its_first_messages_is_damage(journal, nats_server, tmp_path) -> None:  # noqa: ANN001, F811
+    """No snapshot to start from: the records before the first message left are missing, as
+    a file store's start-up would refuse a first segment starting after seq 1."""
+    built = build(nats_server.url, tmp_path, "FRONT", count=30, snapshots="none", purge="front")
+    first = built.groups[3][0]
+    verify = journal("verify", "FRONT")
+    assert verify.code == 1
+    assert f"(seq 1): records 1..{first - 1} are missing" in verify.text
+    assert f"records {first}..{built.last} check out" in verify.text
+    dump = journal("dump", "FRONT")
+    assert dump.code == 1 and dump.out == b"".join(built.lines[first - 1 :])
+    assert f"records 1..{first - 1} are missing" in dump.err
 
 
 def test_a_deleted_last_message_is_not_waited_for(journal, nats_server, tmp_path) -> None:  # noqa: ANN001, F811

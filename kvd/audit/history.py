@@ -18,11 +18,16 @@ from kvd.log.snapshot import read_snapshot, snapshot_seq
 
 
 def run(directory: Path, args: argparse.Namespace, config: Config) -> int:
-    """One JSON line per record that changed KEY, oldest first; nothing when it never did."""
+    """One JSON line per record that changed KEY, oldest first; nothing when it never did.
+
+    Raises JournalCorrupt (exit 1) after the changes it could read, on damage or when
+    records are missing from the start of the history.
+    """
     key: str = args.key
     history = History(directory)
     first = history.first_record_seq()
-    present = _present_before(history, key, first)
+    gap = history.layout().missing_start()  # records removed, not compacted: damage, after the output
+    present = _present_before(history, key, first) if gap is None else None
     out = sys.stdout.buffer
     progress = Progress("history", segment_bytes(history.layout()))
     for record in progress.records(history.records(first - 1)):
@@ -40,6 +45,8 @@ def run(directory: Path, args: argparse.Namespace, config: Config) -> int:
             present = False
         out.write(orjson.dumps(_change(record, key)) + b"\n")
     out.flush()
+    if gap is not None:
+        raise gap.damage()
     return EXIT_OK
 
 

@@ -8,7 +8,13 @@ command runs on that, unchanged:
 - the newest snapshot at the top level, older snapshots in ``archive/``;
 - the records after the newest snapshot in top-level segments, the records
   up to it in ``archive/`` segments (so with ``archive`` off, where the
-  nodes purge the stream up to the newest snapshot, there usually are none);
+  nodes purge the stream up to the newest snapshot, there usually are none).
+  One exception: when the stream starts inside the message that holds the
+  newest snapshot's record (a purge that kept that message), and nothing
+  exported links back to its first record, the lines up to the snapshot go
+  to a top-level segment, as a file store keeps a segment a compaction has
+  yet to retire: with nothing before them they are no archived history, and
+  ``verify`` takes an unlinked archived start for records removed;
 - segments end at message boundaries once they hold ``SEGMENT_BYTES``, and
   always right after the newest snapshot's record; each is named by the seq
   of its first record, as the file journal names them;
@@ -307,7 +313,10 @@ async def _export_once(
             await nats_stream.download_snapshot(store, newest, dest)
     except NotFoundError:
         raise _StreamMoved from None  # compaction deleted an old snapshot after the listing
-    writer = _SegmentWriter(dest, newest.seq if newest is not None else None, segment_bytes, summary)
+    writer = _SegmentWriter(
+        dest, newest.seq if newest is not None else None, segment_bytes, summary,
+        anchors={snapshot.seq for snapshot in snapshots},
+    )
     progress = Progress("export", getattr(info.state, "bytes", 0) or 0)
     try:
         until = await _last_message(js, stream) if where.messages else None
@@ -422,12 +431,17 @@ def _line_seq(line: bytes) -> int | None:
 class _SegmentWriter:
     """Writes messages' bytes into segment files: ``archive/`` up to ``boundary``, then the top level."""
 
-    def __init__(self, dest: Path, boundary: int | None, limit: int, summary: ExportSummary) -> None:
+    def __init__(
+        self, dest: Path, boundary: int | None, limit: int, summary: ExportSummary,
+        anchors: set[int] | None = None,
+    ) -> None:
         self.dest = dest
         self.boundary = boundary  # the newest snapshot's seq; None: every record is live
         self.limit = limit
         self.summary = summary
+        self.anchors = anchors or set()  # the exported snapshots' seqs: records can follow them
         self.live = boundary is None
+        self.kept = False  # lines up to the boundary go to the top level too (see ``_keeps``)
         self.hint: int | None = None  # the seq the next line should have, when known
         self.last_stream_seq: int | None = None
         self._file: IO[bytes] | None = None
@@ -441,6 +455,8 @@ class _SegmentWriter:
         if self.live:
             self._write(stream_seq, data, self._count_lines(data))
         else:
+            if not self.summary.segments and self._keeps(data):
+                self.kept = True
             self._add_archived(stream_seq, data)
         self.last_stream_seq = stream_seq
 
@@ -467,6 +483,17 @@ class _SegmentWriter:
             archived.append(line)
             expected = seq + 1 if seq is not None else None
         self._write(stream_seq, data, len(lines))
+
+    def _keeps(self, data: bytes) -> bool:
+        """Whether the first message holds the boundary's record with nothing to link its
+        first line to: a purge up to the newest snapshot kept that message. Its lines up to
+        the snapshot are what the snapshot covers, not archived history."""
+        assert self.boundary is not None
+        first = _line_seq(data)
+        last = _line_seq(nats_stream.last_line(data))
+        if first is None or last is None or first == 1 or first - 1 in self.anchors:
+            return False
+        return first <= self.boundary <= last
 
     def _go_live(self) -> None:
         self._close_segment()
@@ -498,7 +525,7 @@ class _SegmentWriter:
         self.hint = last + 1 if last is not None else None
 
     def _open_segment(self, first_seq: int) -> None:
-        directory = self.dest if self.live else self.dest / ARCHIVE_DIR
+        directory = self.dest if self.live or self.kept else self.dest / ARCHIVE_DIR
         directory.mkdir(exist_ok=True)
         before = [segment.first_seq for segment in self.summary.segments]
         if before and first_seq <= max(before) and self.hint is not None:

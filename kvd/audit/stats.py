@@ -50,6 +50,9 @@ def collect_stats(directory: Path) -> dict[str, Any]:
         live = live_at(entries, time.time())
         live_keys, expired_keys = len(live), len(entries) - len(live)
         live_bytes = sum(len(key.encode()) + len(entry.value) for key, entry in live.items())
+        gap = layout.missing_start()  # the state at the head is known all the same
+        if gap is not None:
+            damage = str(gap.damage())
     oldest = history.oldest_point()
     oldest_ts = None
     if oldest:
@@ -119,6 +122,8 @@ def _stats_lines(stats: dict[str, Any]) -> list[tuple[str, str]]:
         f"seq {oldest['seq']}, {oldest['ts']} (the state there, and every record after it)"
         if oldest["seq"] else "seq 0 (the empty store: every record since seq 1 is retained)"
     )
+    if not oldest["seq"] and first["seq"] not in (None, 1):  # no snapshot, and records missing
+        oldest_text = f"none (records before seq {first['seq']} are missing)"
     quarantine = stats["quarantine"]
     return [
         ("data directory", stats["data_dir"]),

@@ -73,9 +73,11 @@ class Verification:
 def verify_directory(directory: Path, expect: ExpectedHead | None = None) -> Verification:
     """Check every retained record, segment boundary and snapshot of ``directory``.
 
-    Any gap in the records after the oldest retained one is damage, like an
-    edited, inserted, removed or reordered line: the archive and the live
-    segments together hold one unbroken chain. Snapshots are checked as far
+    Any gap in the records is damage, like an edited, inserted, removed or
+    reordered line: the archive and the live segments together hold one
+    unbroken chain, which starts at seq 1 or right after a retained snapshot
+    (``Layout.missing_start`` has the one exception, a live segment awaiting
+    retirement, and why it is safe). Snapshots are checked as far
     as the records on disk allow (digest; head against record ``seq``;
     entries against the replayed records).
     """
@@ -101,6 +103,9 @@ def _verify_once(directory: Path, expect: ExpectedHead | None) -> Verification:
         "verify",
         segment_bytes(layout) + sum(file_size(path) for path in snapshot_paths.values()),
     )
+    gap = layout.missing_start()
+    if gap is not None:  # the walk still checks every record that is there
+        result.damage.append(Finding(str(gap.segment), 0, gap.first, gap.reason))
     try:
         headers = _check_snapshot_digests(snapshot_paths, result, progress)
         _walk_chain(segments, snapshot_paths, headers, result, progress)
@@ -359,10 +364,14 @@ def verification_report(result: Verification) -> list[str]:
     else:
         lines.append("records:   none")
     if result.first_seq is not None and result.first_seq > 1:
-        how = (
-            f"not linked back: no snapshot ends at seq {result.unanchored_from - 1}"
-            if result.unanchored_from is not None else "linked to the snapshot before them"
-        )
+        how = "linked to the snapshot before them"
+        if result.unanchored_from is not None:  # only a live segment a live snapshot covers passes
+            covering = [seq for seq in sorted(result.snapshots) if seq >= result.unanchored_from]
+            how = (
+                f"not linked back, but the snapshot at seq {covering[0]} covers them "
+                "(a compaction has yet to retire their segment)"
+                if covering else "not linked back"
+            )
         lines.append(f"           records before seq {result.first_seq} are not retained; {how}")
     lines.append(f"snapshots: {_describe_snapshots(result.snapshots)}")
     lines.append(f"head:      seq {result.head_seq}, hash {result.head_hash}" + (

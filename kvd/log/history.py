@@ -10,7 +10,9 @@ A data directory holds, besides ``LOCK``:
 
 The retained history starts at the oldest state that can be rebuilt: seq 0
 (the empty store) while every segment since seq 1 is still there, else the
-oldest snapshot. Nothing here takes the lock or writes, so it is safe on a
+oldest snapshot. Its records start at seq 1 or right after a retained
+snapshot; anywhere else, records were removed (``Layout.missing_start``).
+Nothing here takes the lock or writes, so it is safe on a
 live server's directory: a segment that compaction moves away between
 listing and opening is looked for again, and a torn tail (a write in
 progress) ends the history instead of counting as damage.
@@ -46,6 +48,26 @@ QUARANTINE_DIR = "quarantine"
 
 class HistoryGone(Exception):
     """The point asked for is older than the retained history (HTTP 410)."""
+
+
+@dataclass(frozen=True)
+class MissingStart:
+    """Records gone from before the oldest retained segment, with nothing retained in their place."""
+
+    first: int  # the first seq missing (the one after the newest snapshot before them, or 1)
+    last: int  # the last one missing: the segment starts right after it
+    segment: Path  # the oldest retained segment
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"records {self.first}..{self.last} are missing: the oldest retained segment starts "
+            f"at seq {self.last + 1}, and no retained snapshot ends at seq {self.last}"
+        )
+
+    def damage(self) -> JournalCorrupt:
+        """The gap as the reader reports damage, for commands that stop at it."""
+        return JournalCorrupt(self.segment, 0, self.first, self.reason)
 
 
 @dataclass
@@ -85,6 +107,36 @@ class Layout:
     def base_snapshot(self) -> Path | None:
         """The snapshot start-up loads: the newest live one."""
         return self.snapshots[-1] if self.snapshots else None
+
+    def missing_start(self) -> MissingStart | None:
+        """Records removed before the oldest retained segment, or None when the history is whole.
+
+        Compaction retires a segment only once a snapshot covers it, always
+        cuts a new segment at the snapshot's seq + 1, and with the archive on
+        moves every retired segment and snapshot to ``archive/``. So the
+        oldest retained segment, archived or live, starts at seq 1 or right
+        after a retained snapshot (archived when the archive was turned on
+        after the store's first compaction). One exception, which start-up
+        accepts as well: a live segment the newest live snapshot covers (its
+        first seq at or before the snapshot's), left by a compaction that had
+        not yet retired it (a crash, or a change-feed reader still sending
+        it); start-up checks it up to the snapshot's head, and it is retired
+        later. An archived segment never gets that exception: the records
+        before it were archived too, so their absence means they were removed
+        (docs/auditing.md names the one rare layout where that is not so).
+        """
+        segments = self.all_segments
+        if not segments:
+            return None
+        oldest = segments[0]
+        first = segment_first_seq(oldest)
+        snapshots = [snapshot_seq(path) for path in self.all_snapshots]
+        if first == 1 or first - 1 in snapshots:
+            return None
+        if oldest in self.segments and self.snapshots and first <= snapshot_seq(self.snapshots[-1]):
+            return None
+        before = max((seq for seq in snapshots if seq < first), default=0)
+        return MissingStart(before + 1, first - 1, oldest)
 
     def total_bytes(self) -> int:
         return sum(_size(path) for path in self.segments + self.snapshots)
