@@ -221,7 +221,9 @@ def _key_pattern(text: str) -> KeyFilter:
     try:
         return compile_pattern(text)
     except KvdError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        # str(exc) leads with the HTTP status and code ("400 bad_request: ..."),
+        # which mean nothing on a command line: only the message is the user's.
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _expected_head(text: str) -> ExpectedHead:
