@@ -7,6 +7,7 @@ type raises ConfigError naming it, and the command line exits 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -227,13 +228,20 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         elif isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if text:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
+        if number is not None:
+            # TOML has nan and inf, float() reads "nan" and "Infinity": NaN passes every
+            # range check below (nan <= 0 is False) and neither means a duration.
+            if not math.isfinite(number):
+                raise ConfigError(f"setting '{name}' must be a finite number, not {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return str(value)

@@ -101,6 +101,60 @@ def test_bad_settings_raise_naming_the_setting(tmp_path, toml, named):
         make_plugin_manager(config)
 
 
+def _float_settings() -> list[str]:
+    """Every float-typed setting, found from the dataclasses so a new one is covered too."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from kvd.config import NatsConfig, ServerConfig
+
+    names = []
+    for section, cls in (("server", ServerConfig), ("journal", JournalConfig), ("journal.nats", NatsConfig)):
+        hints = get_type_hints(cls)
+        names += [f"{section}.{f.name}" for f in fields(cls) if hints[f.name] is float]
+    return names
+
+
+def test_every_float_setting_is_found():
+    assert {"server.idle_timeout", "server.body_timeout", "server.drain_seconds",
+            "journal.compact_dead_ratio", "journal.compact_check_seconds",
+            "journal.nats.publish_timeout"} <= set(_float_settings())
+
+
+@pytest.mark.parametrize("dotted", _float_settings())
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "+nan"])
+def test_nan_and_infinity_are_refused_for_every_float_setting(tmp_path, dotted, text):
+    """NaN passes every comparison check (nan <= 0 is False); NaN and infinity then break
+    the server later (idle_timeout = nan killed every connection with a ValueError)."""
+    section, name = dotted.rsplit(".", 1)
+    file = tmp_path / "kvd.toml"
+    file.write_text(f"[{section}]\n{name} = {text}\n")
+    with pytest.raises(ConfigError, match=rf"'{re.escape(dotted)}' must be a finite number"):
+        load_config(file, environ={})
+    variable = "KVD_" + dotted.upper().replace(".", "_")
+    with pytest.raises(ConfigError, match=rf"'{re.escape(dotted)}' must be a finite number"):
+        load_config(None, environ={variable: text})
+    variable_text = {"nan": "NaN", "inf": "Infinity", "-inf": "-infinity", "+nan": "nan"}[text]
+    with pytest.raises(ConfigError, match=rf"'{re.escape(dotted)}' must be a finite number"):
+        load_config(None, environ={variable: variable_text})  # float() also reads these spellings
+
+
+def refuse_to_serve(coroutine) -> int:  # noqa: ANN001
+    coroutine.close()
+    raise AssertionError("kvd serve went on to start the server")
+
+
+def test_cli_nan_idle_timeout_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    from kvd import cli
+    from kvd.cli import main
+
+    monkeypatch.setattr(cli, "_run", refuse_to_serve)
+    (tmp_path / "kvd.toml").write_text("[server]\nidle_timeout = nan\n")
+    assert main(["serve", "--config", str(tmp_path / "kvd.toml"), "--data-dir", str(tmp_path / "d")]) == 2
+    assert "server.idle_timeout' must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing started
+
+
 def test_unknown_environment_setting_is_an_error():
     with pytest.raises(ConfigError, match="KVD_SERVER_PROT"):
         load_config(None, environ={"KVD_SERVER_PROT": "1"})
