@@ -41,6 +41,29 @@ def name_the_variable(message: str, environ: Mapping[str, str]) -> str:
     return message
 
 
+def positive_number(value: Any, name: str, *, unit: str = "", at_most: float | None = None) -> float:
+    """A plugin's numeric setting: a finite int or float above 0 (and up to ``at_most``).
+
+    ``name`` is the dotted setting (``plugins.expiry.sweep_interval``). A bool is not a
+    number (TOML's ``true`` would otherwise pass as 1), nor is text: an environment
+    value that is not a TOML number (``abc``) arrives as text. Raises ConfigError.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and math.isfinite(value) and value > 0 and (at_most is None or value <= at_most):
+        return float(value)
+    what = f"a positive number{f' of {unit}' if unit else ''}"
+    if at_most is not None:
+        what += f" up to {at_most:g}"
+    raise ConfigError(f"{name} must be {what}, not {value!r}")
+
+
+def positive_int(value: Any, name: str) -> int:
+    """A plugin's count setting: an int of at least 1 (not a bool, a float or text). Raises ConfigError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+
+
 class _EnvText(str):
     """A value from the environment: text that may stand for a number, bool or list."""
 
