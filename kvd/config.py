@@ -165,12 +165,10 @@ def _build(raw: dict[str, Any]) -> Config:
     if unknown:
         raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}")
     server = _section(ServerConfig, raw.get("server", {}), "server")
-    journal_raw = dict(raw.get("journal", {}))
+    journal_raw = dict(_table(raw.get("journal", {}), "journal"))
     nats = _section(NatsConfig, journal_raw.pop("nats", {}), "journal.nats")
     journal = _section(JournalConfig, journal_raw, "journal", nats=nats)
-    plugins_raw = dict(raw.get("plugins", {}))
-    if not isinstance(plugins_raw, dict):
-        raise ConfigError("setting 'plugins' must be a table")
+    plugins_raw = dict(_table(raw.get("plugins", {}), "plugins"))
     settings = {k: v for k, v in plugins_raw.items() if isinstance(v, dict)}
     for name in settings:
         plugins_raw.pop(name)
@@ -221,9 +219,14 @@ def _check_values(server: ServerConfig, journal: JournalConfig, plugins: Plugins
         raise ConfigError("plugins.enabled lists a plugin twice")
 
 
-def _section(cls: type, values: Any, name: str, **fixed: Any) -> Any:
+def _table(values: Any, name: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"setting {name!r} must be a table")
+    return values
+
+
+def _section(cls: type, values: Any, name: str, **fixed: Any) -> Any:
+    _table(values, name)
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
     kwargs: dict[str, Any] = dict(fixed)

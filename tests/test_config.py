@@ -89,6 +89,10 @@ def test_environment_lists_and_booleans_are_parsed():
         ('[plugins]\nenabled = "expiry"\n', "plugins.enabled"),
         ("[plugins.expiry]\nsweep_intervall = 1\n", "sweep_intervall"),
         ("[server\n", "not valid TOML"),
+        ("server = 5\n", "setting 'server' must be a table"),
+        ("journal = 5\n", "setting 'journal' must be a table"),
+        ('plugins = "ab"\n', "setting 'plugins' must be a table"),
+        ("[journal]\nnats = 1\n", "setting 'journal.nats' must be a table"),
     ],
 )
 def test_bad_settings_raise_naming_the_setting(tmp_path, toml, named):
