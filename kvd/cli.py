@@ -266,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return torture.main(args)
         return _list_plugins(config)
     except ConfigError as exc:
-        print(f"kvd: error: {name_the_variable(str(exc), os.environ)}", file=sys.stderr)
+        message = str(exc) if exc.located else name_the_variable(str(exc), os.environ)
+        print(f"kvd: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 

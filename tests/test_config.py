@@ -65,6 +65,66 @@ def test_precedence_flags_over_environment_over_file(tmp_path):
     assert config.server.host == "0.0.0.0"  # file
 
 
+@pytest.mark.parametrize("toml, environ, overrides, said, where", [
+    ('[server]\nport = "abc"\n', {}, {"server.port": 0},
+     "setting 'server.port' must be int, not 'abc'", "(set in the config file {file})"),
+    ("[server]\nport = 70000\n", {"KVD_SERVER_PORT": "1"}, {},
+     "server.port must be 0-65535", "(set in the config file {file})"),
+    ('[journal]\nfsync = "sometimes"\n', {}, {"journal.fsync": "no"},
+     "journal.fsync must be one of", "(set in the config file {file})"),
+    ("[server]\nidle_timeout = nan\n", {"KVD_SERVER_IDLE_TIMEOUT": "5"}, {},
+     "'server.idle_timeout' must be a finite number", "(set in the config file {file})"),
+    ("", {"KVD_SERVER_PORT": "abc"}, {"server.port": 0},
+     "setting 'server.port' must be int, not 'abc'", "(set by the environment variable KVD_SERVER_PORT)"),
+    ("", {"KVD_JOURNAL_FSYNC": "never"}, {"journal.fsync": "always"},
+     "journal.fsync must be one of", "(set by the environment variable KVD_JOURNAL_FSYNC)"),
+    ("", {"KVD_SERVER_DRAIN_SECONDS": "-1"}, {},
+     "server.drain_seconds must not be negative", "(set by the environment variable KVD_SERVER_DRAIN_SECONDS)"),
+    ("", {}, {"journal.data_dir": ""}, "journal.data_dir must not be empty", "(set on the command line)"),
+])
+def test_an_invalid_value_is_an_error_even_when_a_later_layer_overrides_it(
+        tmp_path, toml, environ, overrides, said, where):
+    """SPEC 6: invalid settings stop start-up. Flags used to be applied before anything was
+    checked, so --port 0 hid a port = "abc" in the file or in KVD_SERVER_PORT."""
+    file = tmp_path / "kvd.toml"
+    file.write_text(toml)
+    with pytest.raises(ConfigError) as raised:
+        load_config(file, environ=environ, overrides=overrides)
+    message = str(raised.value)
+    assert said in message and message.endswith(where.format(file=file))
+    assert message.count("(set ") == 1
+
+
+def test_a_pair_of_settings_may_come_from_different_layers(tmp_path):
+    """Each layer is checked on its own, but only the merged settings must hold together."""
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    file = tmp_path / "kvd.toml"
+    file.write_text(f'[server]\ncertfile = "{tmp_path / "cert.pem"}"\n')
+    config = load_config(file, environ={"KVD_SERVER_KEYFILE": str(tmp_path / "key.pem")})
+    assert (config.server.certfile, config.server.keyfile) == (str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    with pytest.raises(ConfigError, match="certfile and server.keyfile must be given together"):
+        load_config(file, environ={})
+
+
+@pytest.mark.parametrize("toml, environ, said", [
+    ('[server]\nport = "abc"\n', {}, "setting 'server.port' must be int, not 'abc' (set in the config file kvd.toml)"),
+    ("", {"KVD_SERVER_PORT": "abc"},
+     "setting 'server.port' must be int, not 'abc' (set by the environment variable KVD_SERVER_PORT)"),
+])
+def test_cli_a_bad_port_is_an_error_even_with_the_port_flag(tmp_path, capsys, monkeypatch, toml, environ, said):
+    from kvd import cli
+
+    monkeypatch.setattr(cli, "_run", refuse_to_serve)
+    monkeypatch.chdir(tmp_path)
+    for variable, value in environ.items():
+        monkeypatch.setenv(variable, value)
+    (tmp_path / "kvd.toml").write_text(toml)
+    assert cli.main(["serve", "--config", "kvd.toml", "--port", "0", "--data-dir", "d"]) == 2
+    assert capsys.readouterr().err == f"kvd: error: {said}\n"
+    assert not (tmp_path / "d").exists()
+
+
 def test_environment_lists_and_booleans_are_parsed():
     config = load_config(None, environ={
         "KVD_PLUGINS_ENABLED": "expiry, filter", "KVD_JOURNAL_ARCHIVE": "true",
