@@ -223,7 +223,9 @@ def _key_pattern(text: str) -> KeyFilter:
     try:
         return compile_pattern(text)
     except KvdError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        # str(exc) leads with the HTTP status and code ("400 bad_request: ..."),
+        # which mean nothing on a command line: only the message is the user's.
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _expected_head(text: str) -> ExpectedHead:
@@ -266,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return torture.main(args)
         return _list_plugins(config)
     except ConfigError as exc:
-        print(f"kvd: error: {name_the_variable(str(exc), os.environ)}", file=sys.stderr)
+        message = str(exc) if exc.located else name_the_variable(str(exc), os.environ)
+        print(f"kvd: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -1,16 +1,19 @@
 """Settings: defaults, then the TOML file, then ``KVD_<SECTION>_<NAME>``, then flags.
 
 Every setting is a typed dataclass field; anything unknown or of the wrong
-type raises ConfigError naming it, and the command line exits 2.
+type raises ConfigError naming it, and the command line exits 2. Each layer
+is checked on its own before they are merged, so a bad value is an error
+even where a later layer overrides it, and the message says which layer set it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -26,6 +29,11 @@ BUILTIN_PLUGINS = ("expiry", "metrics", "filter", "auth")
 class ConfigError(ValueError):
     """A setting is unknown or invalid; the message names it."""
 
+    def __init__(self, message: str, *, located: bool = False) -> None:
+        super().__init__(message)
+        self.located = located
+        """The message already says where the value came from: the file, a variable or a flag."""
+
 
 _DOTTED_SETTING = re.compile(r"\b(?:server|journal|plugins)(?:\.[a-z0-9_]+)+")
 
@@ -33,11 +41,39 @@ _DOTTED_SETTING = re.compile(r"\b(?:server|journal|plugins)(?:\.[a-z0-9_]+)+")
 def name_the_variable(message: str, environ: Mapping[str, str]) -> str:
     """``message`` plus the environment variable that set the setting it names, if one did:
     an operator otherwise looks for a bad value in the file, where it is not."""
+    variable = _variable_named(message, environ)
+    return f"{message} (set by the environment variable {variable})" if variable else message
+
+
+def _variable_named(message: str, environ: Mapping[str, str]) -> str | None:
     for dotted in _DOTTED_SETTING.findall(message):
         variable = ENV_PREFIX + dotted.upper().replace(".", "_")
         if variable in environ:
-            return f"{message} (set by the environment variable {variable})"
-    return message
+            return variable
+    return None
+
+
+def positive_number(value: Any, name: str, *, unit: str = "", at_most: float | None = None) -> float:
+    """A plugin's numeric setting: a finite int or float above 0 (and up to ``at_most``).
+
+    ``name`` is the dotted setting (``plugins.expiry.sweep_interval``). A bool is not a
+    number (TOML's ``true`` would otherwise pass as 1), nor is text: an environment
+    value that is not a TOML number (``abc``) arrives as text. Raises ConfigError.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and math.isfinite(value) and value > 0 and (at_most is None or value <= at_most):
+        return float(value)
+    what = f"a positive number{f' of {unit}' if unit else ''}"
+    if at_most is not None:
+        what += f" up to {at_most:g}"
+    raise ConfigError(f"{name} must be {what}, not {value!r}")
+
+
+def positive_int(value: Any, name: str) -> int:
+    """A plugin's count setting: an int of at least 1 (not a bool, a float or text). Raises ConfigError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"{name} must be a positive integer, not {value!r}")
 
 
 class _EnvText(str):
@@ -113,7 +149,14 @@ def load_config(
 
     ``path`` None means ``config/kvd.toml`` when it exists. ``overrides`` maps
     dotted names (``"server.port"``) to values, for command-line flags.
+
+    SPEC 6: an invalid setting stops start-up, so each layer is checked alone
+    first (an error there says which layer: ``(set in the config file F)``,
+    ``(set by the environment variable V)``, ``(set on the command line)``);
+    settings that must agree with each other are checked once merged.
+    Plugin tables are checked by the plugins, on the merged values only.
     """
+    environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     source = None
     if path is not None:
@@ -128,30 +171,55 @@ def load_config(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(file)!r} is not valid TOML: {exc}") from None
         source = str(file)
-    _merge_environment(raw, os.environ if environ is None else environ)
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(raw, dotted, value)
+        _check_layer(raw, lambda message: f"set in the config file {source}")
+    from_environment = _environment_settings(environ, raw)
+
+    def which_variable(message: str) -> str:
+        variable = _variable_named(message, environ)
+        return f"set by the environment variable {variable}" if variable else "set by the environment"
+
+    _check_layer(_assigned(from_environment), which_variable)
+    from_flags = [(dotted, value) for dotted, value in (overrides or {}).items() if value is not None]
+    _check_layer(_assigned(from_flags), lambda message: "set on the command line")
+    for dotted, value in from_environment + from_flags:
+        _set_dotted(raw, dotted, value)
     config = _build(raw)
     return dataclasses.replace(config, source=source)
 
 
-def _build(raw: dict[str, Any]) -> Config:
+def _check_layer(raw: dict[str, Any], where: Callable[[str], str]) -> None:
+    """Check one layer's values alone; ``where(message)`` says where an invalid one came from."""
+    try:
+        _build(raw, merged=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} ({where(str(exc))})", located=True) from None
+
+
+def _assigned(assignments: list[tuple[str, Any]]) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    for dotted, value in assignments:
+        _set_dotted(raw, dotted, value)
+    return raw
+
+
+def _build(raw: dict[str, Any], *, merged: bool = True) -> Config:
+    """The Config from raw values; ``merged`` False for one layer alone, which skips
+    the checks between settings (another layer may give the other of a pair)."""
     unknown = set(raw) - {"server", "journal", "plugins"}
     if unknown:
         raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}")
     server = _section(ServerConfig, raw.get("server", {}), "server")
-    journal_raw = dict(raw.get("journal", {}))
+    journal_raw = dict(_table(raw.get("journal", {}), "journal"))
     nats = _section(NatsConfig, journal_raw.pop("nats", {}), "journal.nats")
     journal = _section(JournalConfig, journal_raw, "journal", nats=nats)
-    plugins_raw = dict(raw.get("plugins", {}))
-    if not isinstance(plugins_raw, dict):
-        raise ConfigError("setting 'plugins' must be a table")
+    plugins_raw = dict(_table(raw.get("plugins", {}), "plugins"))
     settings = {k: v for k, v in plugins_raw.items() if isinstance(v, dict)}
     for name in settings:
         plugins_raw.pop(name)
     plugins = _section(PluginsConfig, plugins_raw, "plugins", settings=settings)
     _check_values(server, journal, plugins)
+    if merged and bool(server.certfile) != bool(server.keyfile):
+        raise ConfigError("server.certfile and server.keyfile must be given together")
     return Config(server=server, journal=journal, plugins=plugins)
 
 
@@ -162,8 +230,6 @@ def _check_values(server: ServerConfig, journal: JournalConfig, plugins: Plugins
                  "max_header_bytes", "idle_timeout", "body_timeout"):
         if getattr(server, name) <= 0:
             raise ConfigError(f"server.{name} must be positive")
-    if bool(server.certfile) != bool(server.keyfile):
-        raise ConfigError("server.certfile and server.keyfile must be given together")
     for name in ("certfile", "keyfile"):
         path = getattr(server, name)
         if path and not Path(path).is_file():
@@ -187,8 +253,9 @@ def _check_values(server: ServerConfig, journal: JournalConfig, plugins: Plugins
         raise ConfigError("journal.nats.publish_timeout must be positive")
     if journal.segment_bytes < 4096:
         raise ConfigError("journal.segment_bytes must be at least 4096")
-    if journal.compact_dead_ratio < 0 or journal.compact_min_dead_bytes < 0:
-        raise ConfigError("journal.compact_* settings must not be negative")
+    for name in ("compact_dead_ratio", "compact_min_dead_bytes"):
+        if getattr(journal, name) < 0:
+            raise ConfigError(f"journal.{name} must not be negative")
     if journal.compact_check_seconds <= 0:
         raise ConfigError("journal.compact_check_seconds must be positive")
     if not journal.data_dir:
@@ -197,9 +264,14 @@ def _check_values(server: ServerConfig, journal: JournalConfig, plugins: Plugins
         raise ConfigError("plugins.enabled lists a plugin twice")
 
 
-def _section(cls: type, values: Any, name: str, **fixed: Any) -> Any:
+def _table(values: Any, name: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"setting {name!r} must be a table")
+    return values
+
+
+def _section(cls: type, values: Any, name: str, **fixed: Any) -> Any:
+    _table(values, name)
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
     kwargs: dict[str, Any] = dict(fixed)
@@ -227,13 +299,20 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         elif isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if text:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
+        if number is not None:
+            # TOML has nan and inf, float() reads "nan" and "Infinity": NaN passes every
+            # range check below (nan <= 0 is False) and neither means a duration.
+            if not math.isfinite(number):
+                raise ConfigError(f"setting '{name}' must be a finite number, not {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return str(value)
@@ -246,13 +325,15 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     raise ConfigError(f"setting '{name}' must be {kind}, not {value!r}")
 
 
-def _merge_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Apply every ``KVD_<SECTION>_<NAME>`` variable; an unknown one is an error.
+def _environment_settings(environ: Mapping[str, str], file: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Every ``KVD_<SECTION>_<NAME>`` variable as (dotted setting, value); an unknown one is an error.
 
     ``KVD_PLUGINS_<PLUGIN>_<SETTING>`` sets ``[plugins.<plugin>] <setting>``,
     its value read as a TOML value when it is one (``0.5``, ``["a"]``), else
-    as text. Names under ``KVD_TEST_`` are left to the test suite.
+    as text; ``file`` (the file's settings) tells which plugins are known.
+    Names under ``KVD_TEST_`` are left to the test suite.
     """
+    settings: list[tuple[str, Any]] = []
     sections = {
         "SERVER_": ("server", ServerConfig),
         "JOURNAL_NATS_": ("journal.nats", NatsConfig),
@@ -268,15 +349,16 @@ def _merge_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
                 continue
             name = rest[len(prefix) :].lower()
             if name in {f.name for f in dataclasses.fields(cls)} - {"settings", "nats"}:
-                _set_dotted(raw, f"{section}.{name}", _EnvText(value))
+                settings.append((f"{section}.{name}", _EnvText(value)))
             elif section == "plugins" and "_" in name:
-                plugin, setting = _split_plugin_setting(name, raw, environ)
-                _set_dotted(raw, f"plugins.{plugin}.{setting}", _toml_value(value))
+                plugin, setting = _split_plugin_setting(name, file, environ)
+                settings.append((f"plugins.{plugin}.{setting}", _toml_value(value)))
             else:
                 raise ConfigError(f"unknown setting {variable}")
             break
         else:
             raise ConfigError(f"unknown setting {variable}")
+    return settings
 
 
 def _split_plugin_setting(name: str, raw: dict[str, Any], environ: Mapping[str, str]) -> tuple[str, str]:

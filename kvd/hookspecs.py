@@ -9,6 +9,7 @@ two in step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -35,6 +36,19 @@ def register_routes(ctx: AppContext) -> list[Route]:
 
     Return a list of ``(pattern, HandlerClass, kwargs)`` tuples. Core routes
     come first, so a plugin cannot shadow ``/keys``.
+    """
+
+
+@hookspec
+def check_routes(endpoints: Mapping[str, Mapping[str, str]]) -> None:
+    """Called once while the app is built, after every ``register_routes``: check settings that name routes.
+
+    ``endpoints`` maps each route template the app serves (``/keys/{id}``,
+    and a plugin's only while it is enabled, such as ``/metrics``) to the
+    scope each of its methods needs (``{"GET": "admin"}``; empty: always
+    open). Do not change it. Return nothing; raise ``ValueError`` naming the
+    setting to stop start-up (``kvd serve`` exits 2 before it locks the data
+    directory or listens).
     """
 
 

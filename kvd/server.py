@@ -21,8 +21,8 @@ import pluggy
 from tornado.netutil import bind_sockets
 
 from kvd.app import AppContext, PeriodicTask
-from kvd.config import Config
-from kvd.handlers import make_app
+from kvd.config import Config, ConfigError
+from kvd.handlers import KvdApplication, make_app
 from kvd.handlers.framing import KvdHTTPServer
 from kvd.handlers.wire import Wire
 from kvd.log.compaction import CompactionPolicy, Compactor
@@ -44,19 +44,34 @@ async def serve(config: Config, plugins: pluggy.PluginManager | None = None) -> 
     """Serve until SIGTERM/SIGINT; returns the process exit status."""
     # A file-size limit must fail the write (EFBIG -> 503), not kill the server.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Context and app first: neither touches the disk or the network, and a plugin
+    # may refuse the route table (ConfigError, exit 2) before anything is created.
+    ctx = build_context(config, plugins)
+    try:
+        app = make_app(ctx)
+    except ConfigError:
+        _close_unopened(ctx)
+        raise
     lock = DataDirLock(config.data_dir)
     try:
         lock.acquire()
     except DataDirLocked as exc:
         log.error("%s", exc)
+        _close_unopened(ctx)
         return EXIT_FAILURE
     except OSError as exc:  # not writable by this user (a root-owned bind mount), or not a directory
         log.error("cannot use data directory %s: %s", config.data_dir, _os_error(exc))
+        _close_unopened(ctx)
         return EXIT_FAILURE
     try:
-        return await _serve_locked(config, plugins)
+        return await _serve_locked(ctx, app)
     finally:
         lock.release()
+
+
+def _close_unopened(ctx: AppContext) -> None:
+    if ctx.journal is not None:
+        ctx.journal.close_sync()
 
 
 def _log_plugins(config: Config) -> None:
@@ -135,9 +150,9 @@ def mark_ready(ctx: AppContext) -> None:
         )
 
 
-async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) -> int:
+async def _serve_locked(ctx: AppContext, app: KvdApplication) -> int:
     loop = asyncio.get_running_loop()
-    ctx = build_context(config, plugins)
+    config = ctx.config
     store, journal, plugins = ctx.store, ctx.journal, ctx.plugins
     assert isinstance(journal, FileJournal)
 
@@ -152,7 +167,6 @@ async def _serve_locked(config: Config, plugins: pluggy.PluginManager | None) ->
         log.error("cannot load TLS certificate or key: %s", exc)
         journal.close_sync()
         return EXIT_FAILURE
-    app = make_app(ctx)
     server = KvdHTTPServer(
         app,
         ssl_options=tls,

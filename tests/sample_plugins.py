@@ -89,6 +89,10 @@ class Recorder:
     def internal_error(self, error: str) -> None:
         self._note("internal_error", error=error)
 
+    @hookimpl
+    def check_routes(self, endpoints: Any) -> None:
+        self._note("check_routes", endpoints=endpoints)
+
 
 class FailingObserver:
     """An after_commit observer and a periodic task that always raise."""
@@ -126,3 +130,28 @@ class HeaderAuth:
         if who == "reader" and scope != "read":
             raise Forbidden(f"reader may not {scope}")
         return who
+
+
+class ScopedRoute:
+    """Adds ``GET /scoped``, which needs ``read``: a plugin route the auth plugin protects."""
+
+    @hookimpl
+    def register_routes(self, ctx: Any) -> list[Any]:
+        from kvd.handlers.base import READ, BaseHandler
+
+        class ScopedHandler(BaseHandler):
+            endpoint = "/scoped"
+            scopes = {"GET": READ}
+
+            def get(self) -> None:
+                self.finish({"scoped": True})
+
+        return [(r"/scoped", ScopedHandler, {"ctx": ctx})]
+
+
+class RouteRefuser:
+    """Refuses every route table, in words that do not name a setting."""
+
+    @hookimpl
+    def check_routes(self, endpoints: Any) -> None:
+        raise ValueError("needs a /reports route")

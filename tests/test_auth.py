@@ -331,6 +331,63 @@ async def test_scope_override_can_raise_a_route_to_admin(http_client, served, tm
     assert (await call(http_client, url, "GET", "/keys/a", READER)).code == 200  # /keys/{id} as before
 
 
+def app_with_auth(tmp_path: Path, plugins: list[str] = PLUGINS, **auth: Any) -> Any:
+    """Build the app as ``kvd serve`` does; the route table is only known then."""
+    from kvd.handlers import make_app
+
+    harness = build_harness(tmp_path / "d", **{"plugins.enabled": plugins,
+                                               "plugins.auth": {"tokens": TOKENS, **auth}})
+    try:
+        return make_app(harness.ctx)
+    finally:
+        harness.ctx.stop_periodic_tasks()
+        harness.journal.close_sync()
+
+
+def test_scope_override_for_a_route_nobody_serves_is_refused_listing_the_routes(tmp_path):
+    """A typo ("/key" for "/keys") used to be ignored: the route kept its default scope."""
+    with pytest.raises(ConfigError) as caught:
+        app_with_auth(tmp_path, scopes={"/metrics": "none", "/key": "none"})
+    message = str(caught.value)
+    assert message.startswith('plugins.auth.scopes."/key": no route /key is served')
+    for route in ("/keys", "/keys/{id}", "/journal", "/journal/compact", "/metrics"):
+        assert route in message
+
+
+def test_scope_override_for_a_switched_off_plugins_route_is_refused(tmp_path):
+    """/metrics exists only while the metrics plugin runs: the override would do nothing."""
+    with pytest.raises(ConfigError, match=r'plugins\.auth\.scopes\."/metrics": no route /metrics') as caught:
+        app_with_auth(tmp_path, ["expiry", "filter", "auth"], scopes={"/metrics": "none"})
+    assert "/metrics," not in str(caught.value) and "enabled" in str(caught.value)
+
+
+@pytest.mark.parametrize("route", ["/healthz", "/readyz", "/openapi.json"])
+def test_scope_override_for_an_always_open_route_is_refused(tmp_path, route):
+    with pytest.raises(ConfigError, match=rf'plugins\.auth\.scopes\."{route}": {route} is always open'):
+        app_with_auth(tmp_path, scopes={route: "admin"})
+
+
+def test_scope_override_for_a_route_a_plugin_adds_is_accepted(tmp_path):
+    plugins = [*PLUGINS, "sample_plugins:ScopedRoute"]
+    app = app_with_auth(tmp_path, plugins, scopes={"/scoped": "none", "/keys/{id}": "read"})
+    assert app.ctx.plugins.get_plugin("auth").route_scopes == {"/scoped": "none", "/keys/{id}": "read"}
+
+
+def test_cli_scope_override_for_an_unknown_route_exits_2_before_anything_starts(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "kvd", "serve", "--port", "0", "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "KVD_PLUGINS_ENABLED": "metrics,auth",
+             "KVD_PLUGINS_AUTH_TOKENS": f'[{{ name = "ci", sha256 = "{GOOD["sha256"]}", scopes = ["read"] }}]',
+             "KVD_PLUGINS_AUTH_SCOPES": '{ "/metrics" = "none", "/key" = "none" }'},
+    )
+    assert result.returncode == 2, result.stderr
+    assert 'kvd: error: plugins.auth.scopes."/key": no route /key is served' in result.stderr
+    assert "(set by the environment variable KVD_PLUGINS_AUTH_SCOPES)" in result.stderr
+    assert "listening" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()  # checked before the data directory is locked
+
+
 @pytest.mark.gen_test
 async def test_open_route_records_a_valid_token_as_actor_and_none_without(http_client, served, tmp_path):
     harness = build_harness(tmp_path / "d", **auth_settings(scopes={"/keys/{id}": "none"}))
@@ -387,8 +444,8 @@ GOOD = entry("ci", WRITER, ["read"])
     ({"tokens": [{**GOOD, "scopes": []}]}, r"tokens\[0\] \(token 'ci'\).scopes"),
     ({"tokens": [{**GOOD, "scopes": "read"}]}, r"tokens\[0\] \(token 'ci'\).scopes"),
     ({"tokens": [{**GOOD, "secret": "x"}]}, r"tokens\[0\] \(token 'ci'\): unknown setting 'secret'"),
-    ({"tokens": [GOOD], "scopes": {"/metrics": "root"}}, "plugins.auth.scopes.'/metrics'"),
-    ({"tokens": [GOOD], "scopes": {"metrics": "read"}}, "plugins.auth.scopes.'metrics'"),
+    ({"tokens": [GOOD], "scopes": {"/metrics": "root"}}, 'plugins.auth.scopes."/metrics"'),
+    ({"tokens": [GOOD], "scopes": {"metrics": "read"}}, 'plugins.auth.scopes."metrics"'),
     ({"tokens": [GOOD], "scopes": {"/healthz": "admin"}}, "always open"),
     ({"tokens": [GOOD], "scopes": ["/metrics"]}, "plugins.auth.scopes"),
     ({"tokens": [GOOD], "realm": 'a"b'}, "plugins.auth.realm"),

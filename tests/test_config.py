@@ -65,6 +65,66 @@ def test_precedence_flags_over_environment_over_file(tmp_path):
     assert config.server.host == "0.0.0.0"  # file
 
 
+@pytest.mark.parametrize("toml, environ, overrides, said, where", [
+    ('[server]\nport = "abc"\n', {}, {"server.port": 0},
+     "setting 'server.port' must be int, not 'abc'", "(set in the config file {file})"),
+    ("[server]\nport = 70000\n", {"KVD_SERVER_PORT": "1"}, {},
+     "server.port must be 0-65535", "(set in the config file {file})"),
+    ('[journal]\nfsync = "sometimes"\n', {}, {"journal.fsync": "no"},
+     "journal.fsync must be one of", "(set in the config file {file})"),
+    ("[server]\nidle_timeout = nan\n", {"KVD_SERVER_IDLE_TIMEOUT": "5"}, {},
+     "'server.idle_timeout' must be a finite number", "(set in the config file {file})"),
+    ("", {"KVD_SERVER_PORT": "abc"}, {"server.port": 0},
+     "setting 'server.port' must be int, not 'abc'", "(set by the environment variable KVD_SERVER_PORT)"),
+    ("", {"KVD_JOURNAL_FSYNC": "never"}, {"journal.fsync": "always"},
+     "journal.fsync must be one of", "(set by the environment variable KVD_JOURNAL_FSYNC)"),
+    ("", {"KVD_SERVER_DRAIN_SECONDS": "-1"}, {},
+     "server.drain_seconds must not be negative", "(set by the environment variable KVD_SERVER_DRAIN_SECONDS)"),
+    ("", {}, {"journal.data_dir": ""}, "journal.data_dir must not be empty", "(set on the command line)"),
+])
+def test_an_invalid_value_is_an_error_even_when_a_later_layer_overrides_it(
+        tmp_path, toml, environ, overrides, said, where):
+    """SPEC 6: invalid settings stop start-up. Flags used to be applied before anything was
+    checked, so --port 0 hid a port = "abc" in the file or in KVD_SERVER_PORT."""
+    file = tmp_path / "kvd.toml"
+    file.write_text(toml)
+    with pytest.raises(ConfigError) as raised:
+        load_config(file, environ=environ, overrides=overrides)
+    message = str(raised.value)
+    assert said in message and message.endswith(where.format(file=file))
+    assert message.count("(set ") == 1
+
+
+def test_a_pair_of_settings_may_come_from_different_layers(tmp_path):
+    """Each layer is checked on its own, but only the merged settings must hold together."""
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    file = tmp_path / "kvd.toml"
+    file.write_text(f'[server]\ncertfile = "{tmp_path / "cert.pem"}"\n')
+    config = load_config(file, environ={"KVD_SERVER_KEYFILE": str(tmp_path / "key.pem")})
+    assert (config.server.certfile, config.server.keyfile) == (str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    with pytest.raises(ConfigError, match="certfile and server.keyfile must be given together"):
+        load_config(file, environ={})
+
+
+@pytest.mark.parametrize("toml, environ, said", [
+    ('[server]\nport = "abc"\n', {}, "setting 'server.port' must be int, not 'abc' (set in the config file kvd.toml)"),
+    ("", {"KVD_SERVER_PORT": "abc"},
+     "setting 'server.port' must be int, not 'abc' (set by the environment variable KVD_SERVER_PORT)"),
+])
+def test_cli_a_bad_port_is_an_error_even_with_the_port_flag(tmp_path, capsys, monkeypatch, toml, environ, said):
+    from kvd import cli
+
+    monkeypatch.setattr(cli, "_run", refuse_to_serve)
+    monkeypatch.chdir(tmp_path)
+    for variable, value in environ.items():
+        monkeypatch.setenv(variable, value)
+    (tmp_path / "kvd.toml").write_text(toml)
+    assert cli.main(["serve", "--config", "kvd.toml", "--port", "0", "--data-dir", "d"]) == 2
+    assert capsys.readouterr().err == f"kvd: error: {said}\n"
+    assert not (tmp_path / "d").exists()
+
+
 def test_environment_lists_and_booleans_are_parsed():
     config = load_config(None, environ={
         "KVD_PLUGINS_ENABLED": "expiry, filter", "KVD_JOURNAL_ARCHIVE": "true",
@@ -89,6 +149,10 @@ def test_environment_lists_and_booleans_are_parsed():
         ('[plugins]\nenabled = "expiry"\n', "plugins.enabled"),
         ("[plugins.expiry]\nsweep_intervall = 1\n", "sweep_intervall"),
         ("[server\n", "not valid TOML"),
+        ("server = 5\n", "setting 'server' must be a table"),
+        ("journal = 5\n", "setting 'journal' must be a table"),
+        ('plugins = "ab"\n', "setting 'plugins' must be a table"),
+        ("[journal]\nnats = 1\n", "setting 'journal.nats' must be a table"),
     ],
 )
 def test_bad_settings_raise_naming_the_setting(tmp_path, toml, named):
@@ -99,6 +163,60 @@ def test_bad_settings_raise_naming_the_setting(tmp_path, toml, named):
         from kvd.plugins import make_plugin_manager
 
         make_plugin_manager(config)
+
+
+def _float_settings() -> list[str]:
+    """Every float-typed setting, found from the dataclasses so a new one is covered too."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from kvd.config import NatsConfig, ServerConfig
+
+    names = []
+    for section, cls in (("server", ServerConfig), ("journal", JournalConfig), ("journal.nats", NatsConfig)):
+        hints = get_type_hints(cls)
+        names += [f"{section}.{f.name}" for f in fields(cls) if hints[f.name] is float]
+    return names
+
+
+def test_every_float_setting_is_found():
+    assert {"server.idle_timeout", "server.body_timeout", "server.drain_seconds",
+            "journal.compact_dead_ratio", "journal.compact_check_seconds",
+            "journal.nats.publish_timeout"} <= set(_float_settings())
+
+
+@pytest.mark.parametrize("dotted", _float_settings())
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "+nan"])
+def test_nan_and_infinity_are_refused_for_every_float_setting(tmp_path, dotted, text):
+    """NaN passes every comparison check (nan <= 0 is False); NaN and infinity then break
+    the server later (idle_timeout = nan killed every connection with a ValueError)."""
+    section, name = dotted.rsplit(".", 1)
+    file = tmp_path / "kvd.toml"
+    file.write_text(f"[{section}]\n{name} = {text}\n")
+    with pytest.raises(ConfigError, match=rf"'{re.escape(dotted)}' must be a finite number"):
+        load_config(file, environ={})
+    variable = "KVD_" + dotted.upper().replace(".", "_")
+    with pytest.raises(ConfigError, match=rf"'{re.escape(dotted)}' must be a finite number"):
+        load_config(None, environ={variable: text})
+    variable_text = {"nan": "NaN", "inf": "Infinity", "-inf": "-infinity", "+nan": "nan"}[text]
+    with pytest.raises(ConfigError, match=rf"'{re.escape(dotted)}' must be a finite number"):
+        load_config(None, environ={variable: variable_text})  # float() also reads these spellings
+
+
+def refuse_to_serve(coroutine) -> int:  # noqa: ANN001
+    coroutine.close()
+    raise AssertionError("kvd serve went on to start the server")
+
+
+def test_cli_nan_idle_timeout_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    from kvd import cli
+    from kvd.cli import main
+
+    monkeypatch.setattr(cli, "_run", refuse_to_serve)
+    (tmp_path / "kvd.toml").write_text("[server]\nidle_timeout = nan\n")
+    assert main(["serve", "--config", str(tmp_path / "kvd.toml"), "--data-dir", str(tmp_path / "d")]) == 2
+    assert "server.idle_timeout' must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing started
 
 
 def test_unknown_environment_setting_is_an_error():

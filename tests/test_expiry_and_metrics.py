@@ -178,3 +178,72 @@ async def test_switched_off_plugins_answer_naming_the_plugin(http_client, served
     assert metrics.code == 404
     assert "'metrics' plugin" in json.loads(metrics.body)["error"]["message"]
     assert bare.journal_lines() == []
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def _make_plugins(toml: str = "", environ: dict[str, str] | None = None, *, tmp_path):  # noqa: ANN001, ANN202
+    from kvd.config import load_config
+    from kvd.plugins import make_plugin_manager
+
+    file = tmp_path / "kvd.toml"
+    file.write_text(toml)
+    return make_plugin_manager(load_config(file, environ=environ or {}))
+
+
+@pytest.mark.parametrize("setting, value, said", [
+    ("sweep_interval", '"fast"', "plugins.expiry.sweep_interval must be a positive number of seconds up to 60, not 'fast'"),
+    ("sweep_interval", "true", "plugins.expiry.sweep_interval must be a positive number"),  # not 1 second
+    ("sweep_interval", "nan", "plugins.expiry.sweep_interval must be a positive number"),
+    ("sweep_interval", "inf", "plugins.expiry.sweep_interval must be a positive number"),
+    ("sweep_interval", "0", "plugins.expiry.sweep_interval must be a positive number"),
+    ("sweep_interval", "61", "plugins.expiry.sweep_interval must be a positive number of seconds up to 60"),
+    ("sweep_interval", "[1]", "plugins.expiry.sweep_interval must be a positive number"),
+    ("sweep_batch", "1.5", "plugins.expiry.sweep_batch must be a positive integer, not 1.5"),
+    ("sweep_batch", "2.0", "plugins.expiry.sweep_batch must be a positive integer"),
+    ("sweep_batch", "true", "plugins.expiry.sweep_batch must be a positive integer, not True"),
+    ("sweep_batch", '"10"', "plugins.expiry.sweep_batch must be a positive integer"),
+    ("sweep_batch", "0", "plugins.expiry.sweep_batch must be a positive integer"),
+])
+def test_expiry_settings_of_the_wrong_type_or_range_are_refused_naming_them(tmp_path, setting, value, said):
+    from kvd.config import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        _make_plugins(f"[plugins.expiry]\n{setting} = {value}\n", tmp_path=tmp_path)
+    assert str(raised.value) == said or str(raised.value).startswith(said)
+    assert "not supported between" not in str(raised.value)
+    variable = f"KVD_PLUGINS_EXPIRY_{setting.upper()}"
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        _make_plugins(environ={variable: value}, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("setting, text", [("sweep_interval", "abc"), ("sweep_interval", "NaN"),
+                                           ("sweep_batch", "1.5"), ("sweep_batch", "many")])
+def test_cli_a_bad_expiry_setting_from_the_environment_exits_2_naming_its_variable(
+        tmp_path, capsys, monkeypatch, setting, text):
+    from kvd import cli
+
+    def refuse_to_serve(coroutine):  # noqa: ANN001, ANN202
+        coroutine.close()
+        raise AssertionError("kvd serve went on to start the server")
+
+    variable = f"KVD_PLUGINS_EXPIRY_{setting.upper()}"
+    monkeypatch.setattr(cli, "_run", refuse_to_serve)
+    monkeypatch.setenv(variable, text)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["serve", "--data-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert f"kvd: error: plugins.expiry.{setting} must be a positive" in err
+    assert f"(set by the environment variable {variable})" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_expiry_settings_take_ints_floats_and_environment_numbers(tmp_path):
+    plugins = _make_plugins("[plugins.expiry]\nsweep_interval = 1\nsweep_batch = 5\n", tmp_path=tmp_path)
+    expiry = plugins.get_plugin("expiry")
+    assert (expiry.sweep_interval, expiry.sweep_batch) == (1.0, 5)
+    plugins = _make_plugins(environ={"KVD_PLUGINS_EXPIRY_SWEEP_INTERVAL": "0.25",
+                                     "KVD_PLUGINS_EXPIRY_SWEEP_BATCH": "7"}, tmp_path=tmp_path)
+    expiry = plugins.get_plugin("expiry")
+    assert (expiry.sweep_interval, expiry.sweep_batch) == (0.25, 7)

@@ -1128,6 +1128,16 @@ def test_usage_errors_exit_2_with_a_message(tmp_path, args, message):
     assert message in result.stderr and result.stdout == ""
 
 
+def test_bad_key_pattern_is_reported_in_cli_words_not_http_ones(tmp_path, capsys):
+    """The filter language raises an HTTP 400 for clients; a command line has no status code."""
+    with pytest.raises(SystemExit) as exited:
+        main(["journal", "dump", "--data-dir", str(tmp_path), "--key", "a\\"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "argument --key: bad filter pattern: it ends with a lone" in err
+    assert "400" not in err and "bad_request" not in err
+
+
 @pytest.mark.slow
 def test_cli_exit_codes_and_output(archived, tmp_path):
     data_dir = copy_of(archived[0], tmp_path)

@@ -142,6 +142,29 @@ async def test_hook_register_routes_adds_routes_but_cannot_shadow_keys(http_clie
     assert json.loads(listing.body) == {}  # the core route, not the plugin's "shadow"
 
 
+def test_hook_check_routes_sees_every_served_route_with_its_scopes(app, harness):
+    [call] = recorder_of(harness).calls["check_routes"]
+    endpoints = call["endpoints"]
+    assert endpoints["/keys/{id}"] == {"GET": "read", "HEAD": "read", "PUT": "write",
+                                       "PATCH": "write", "DELETE": "write"}
+    assert endpoints["/metrics"] == {"GET": "admin", "HEAD": "admin"}  # a plugin's route
+    assert endpoints["/journal/compact"] == {"POST": "admin"}
+    assert endpoints["/healthz"] == endpoints["/openapi.json"] == {}  # always open
+    assert endpoints["/recorder"] == {}  # a plain RequestHandler: named by its pattern, open
+    assert "unmatched" not in endpoints
+
+
+def test_hook_check_routes_error_stops_start_up_naming_the_plugin(tmp_path):
+    from kvd.handlers import make_app
+
+    harness = build_harness(tmp_path / "d", **{"plugins.enabled": ["sample_plugins:RouteRefuser"]})
+    try:
+        with pytest.raises(ConfigError, match=r"^plugins\.sample_plugins:RouteRefuser: needs a /reports route$"):
+            make_app(harness.ctx)
+    finally:
+        harness.journal.close_sync()
+
+
 @pytest.mark.gen_test
 async def test_hook_register_metrics_adds_to_the_app_registry(http_client, base_url, harness):
     response = await fetch(http_client, base_url, "GET", "/metrics")

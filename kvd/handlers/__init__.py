@@ -18,6 +18,7 @@ from kvd.handlers.framing import BodyTooLarge, ChunkedBodyLimit, declares_too_la
 from kvd.handlers.health import HealthHandler, ReadyHandler
 from kvd.handlers.keys import KeyHandler, KeysHandler
 from kvd.handlers.openapi import OpenAPIHandler
+from kvd.plugins import check_routes
 
 
 def core_routes(ctx: AppContext) -> list[Route]:
@@ -31,6 +32,17 @@ def core_routes(ctx: AppContext) -> list[Route]:
         (r"/journal/compact", CompactHandler, shared),
         (r"/openapi\.json", OpenAPIHandler, shared),
     ]
+
+
+def endpoint_scopes(routes: list[Route]) -> dict[str, dict[str, str]]:
+    """Each route's template (a handler's ``endpoint``, else its pattern) -> method -> scope.
+
+    The first route of a template wins, as Tornado's first match does.
+    """
+    endpoints: dict[str, dict[str, str]] = {}
+    for pattern, handler, _ in routes:
+        endpoints.setdefault(getattr(handler, "endpoint", pattern), dict(getattr(handler, "scopes", {})))
+    return endpoints
 
 
 class KvdApplication(Application):
@@ -99,9 +111,11 @@ class InFlight(httputil.HTTPMessageDelegate):
 
 
 def make_app(ctx: AppContext) -> KvdApplication:
+    """The app for ``ctx``; raises ConfigError when a plugin's ``check_routes`` refuses the table."""
     routes = core_routes(ctx)
     for plugin_routes in ctx.plugins.hook.register_routes(ctx=ctx):
         routes.extend(plugin_routes or ())
+    check_routes(ctx.plugins, endpoint_scopes(routes))
     return KvdApplication(
         ctx,
         routes,

@@ -12,6 +12,7 @@ registered as it is.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -81,10 +82,28 @@ def instantiate(target: Any, name: str, settings: dict[str, Any]) -> Any:
     try:
         return factory(dict(settings))
     except (ValueError, TypeError) as exc:
-        message = str(exc)
-        if not message.startswith(f"plugins.{name}."):  # else it names the setting already
-            message = f"plugins.{name}: {message}"
-        raise ConfigError(message) from None
+        raise _setting_error(name, exc) from None
+
+
+def check_routes(manager: pluggy.PluginManager, endpoints: Mapping[str, Mapping[str, str]]) -> None:
+    """Call every ``check_routes`` implementation; a refusal is a ConfigError naming its plugin.
+
+    Called one implementation at a time (the hook returns nothing), so that
+    a message that does not name its setting can be given the plugin's name.
+    """
+    for impl in manager.hook.check_routes.get_hookimpls():
+        arguments = {"endpoints": endpoints}
+        try:
+            impl.function(**{name: arguments[name] for name in impl.argnames})
+        except (ValueError, TypeError) as exc:
+            raise _setting_error(impl.plugin_name, exc) from None
+
+
+def _setting_error(name: str, exc: Exception) -> ConfigError:
+    message = str(exc)
+    if not message.startswith(f"plugins.{name}."):  # else it names the setting already
+        message = f"plugins.{name}: {message}"
+    return ConfigError(message)
 
 
 def make_plugin_manager(config: Config) -> pluggy.PluginManager:

@@ -5,8 +5,11 @@ makes, and the only thing about it kvd ever shows) and scopes. ``admin``
 implies every scope, so an admin token reaches every protected route. A route
 needs the scope its handler declares (reads ``read``, writes ``write``,
 ``/journal`` and ``/metrics`` ``admin``) unless ``[plugins.auth] scopes``
-names another one, or ``"none"`` to open it. ``/healthz`` and ``/readyz``
-declare no scope, so they are always open and this plugin is never asked.
+names another one, or ``"none"`` to open it. ``/healthz``, ``/readyz`` and
+``/openapi.json`` declare no scope, so they are always open and this plugin
+is never asked. An override must name a route the app serves, with a scope:
+the route table is known only once every plugin has added its routes, so
+that is checked in ``check_routes``.
 
 The presented token is hashed and its digest compared, in constant time, with
 every configured digest; nothing is keyed by the secret, and neither the
@@ -17,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,12 +120,17 @@ def _parse_tokens(entries: Any) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
+def _where(route: str) -> str:
+    """The override's setting as TOML spells it: ``plugins.auth.scopes."/keys"``."""
+    return f"plugins.auth.scopes.{json.dumps(route, ensure_ascii=False)}"
+
+
 def _parse_route_scopes(table: Any) -> dict[str, str]:
     if not isinstance(table, dict):
         raise ValueError('plugins.auth.scopes must be a table like { "/metrics" = "read" }')
     routes: dict[str, str] = {}
     for route, scope in table.items():
-        where = f"plugins.auth.scopes.{route!r}"
+        where = _where(route)
         if not route.startswith("/"):
             raise ValueError(f"{where}: a route template starts with '/' (like \"/keys/{{id}}\")")
         if route in ALWAYS_OPEN:
@@ -156,6 +165,21 @@ class AuthPlugin:
             if hmac.compare_digest(digest, token.digest) and found is None:
                 found = token
         return found
+
+    @hookimpl
+    def check_routes(self, endpoints: Mapping[str, Mapping[str, str]]) -> None:
+        """Refuse an override of a route nobody serves (a typo such as "/key", or the
+        route of a plugin that is not enabled) or of one that is always open: either
+        would be ignored while the operator believes it applies."""
+        scoped = sorted(route for route, scopes in endpoints.items() if scopes)
+        for route in self.route_scopes:
+            if route not in endpoints:
+                raise ValueError(
+                    f"{_where(route)}: no route {route} is served (routes that take a scope: "
+                    f"{', '.join(scoped)}; a plugin's routes exist only while it is enabled)"
+                )
+            if not endpoints[route]:
+                raise ValueError(f"{_where(route)}: {route} is always open and cannot need a scope")
 
     @hookimpl
     def authenticate(self, request: Any, scope: str, endpoint: str) -> str | None:

@@ -17,23 +17,23 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kvd import hookimpl
 from kvd.app import AppContext, PeriodicTask
+from kvd.config import positive_int, positive_number
 from kvd.errors import BadRequest, Unavailable
 from kvd.log.format import OP_EXPIRE
 from kvd.model import Change
 
 MAX_EXPIRE_IN = 315_360_000  # ten 365-day years, in seconds
+MAX_SWEEP_INTERVAL = 60.0
 _DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 
 
 class ExpiryPlugin:
     def __init__(self, sweep_interval: float = 0.1, sweep_batch: int = 1000) -> None:
-        if not 0 < sweep_interval <= 60:
-            raise ValueError("plugins.expiry.sweep_interval must be in (0, 60] seconds")
-        if sweep_batch < 1:
-            raise ValueError("plugins.expiry.sweep_batch must be positive")
-        self.sweep_interval = sweep_interval
-        self.sweep_batch = sweep_batch
+        self.sweep_interval = positive_number(
+            sweep_interval, "plugins.expiry.sweep_interval", unit="seconds", at_most=MAX_SWEEP_INTERVAL
+        )
+        self.sweep_batch = positive_int(sweep_batch, "plugins.expiry.sweep_batch")
         self.expired = Counter(
             "kvd_expired_keys", "Keys removed because their expiry passed", registry=None
         )
