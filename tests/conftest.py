@@ -32,6 +32,19 @@ from kvd.server import build_context, mark_ready
 from kvd.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_bench_module(name: str) -> Any:
+    """``bench/<name>.py``, loaded by path as ``bench_<name>``: putting bench/ on sys.path
+    would let bench/nats.py shadow the nats package for every later test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 LISTENING = re.compile(rb"listening on https?://([^:/\s]+|\[[^\]]+\]):(\d+)")
 
 

@@ -7,25 +7,13 @@ also from an environment where another kvd is installed (editable).
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, load_bench_module
 
-
-def load_bench_servers():  # noqa: ANN201
-    """bench/servers.py, loaded by path: putting bench/ on sys.path would let
-    bench/nats.py shadow the nats package for every later test."""
-    spec = importlib.util.spec_from_file_location("bench_servers", REPO / "bench" / "servers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-servers = load_bench_servers()
+servers = load_bench_module("servers")
 
 
 def imported_kvd(opts: servers.Options, cwd: Path) -> Path:

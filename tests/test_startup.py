@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import load_bench_module
 
-sys.path.insert(0, str(REPO / "bench"))
-from make_journal import make_journal  # noqa: E402
+make_journal = load_bench_module("make_journal").make_journal
 
 
 @pytest.mark.slow
