@@ -12,6 +12,8 @@ import pytest
 from conftest import build_harness
 from tornado.httpclient import HTTPResponse
 
+from kvd.model import Change
+
 JSON = {"Content-Type": "application/json"}
 
 
@@ -199,6 +201,42 @@ async def test_listing_streams_more_keys_than_one_batch(api):
     values = {f"k{i:05d}": i for i in range(2500)}
     await api("PUT", "/keys", values)
     assert json.loads((await api("GET", "/keys")).body) == values
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_long_listing_lets_other_requests_in_between_its_batches(api, harness, monkeypatch):
+    """While a client reads as fast as kvd writes, each batch's flush is done at once: the
+    listing must still give the loop back between batches, or every other request waits
+    for the whole listing (about a second for 200k keys)."""
+    pad = b'"' + b"x" * 100 + b'"'
+    for start in range(0, 20_000, 5_000):
+        await harness.store.write(Change(op="put", set={f"k{i:06d}": pad for i in range(start, start + 5_000)}))
+    loop = asyncio.get_running_loop()
+    passes = 0
+
+    def count_loop_passes() -> None:
+        nonlocal passes
+        passes += 1
+        if counting:
+            loop.call_soon(count_loop_passes)
+
+    passes_at_batches: list[int] = []
+    scan = harness.store.scan
+
+    def watched_scan(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for batch in scan(*args, **kwargs):
+            passes_at_batches.append(passes)
+            yield batch
+
+    monkeypatch.setattr(harness.store, "scan", watched_scan)
+    counting = True
+    loop.call_soon(count_loop_passes)
+    response = await api("GET", "/keys")
+    counting = False
+    assert response.code == 200 and len(json.loads(response.body)) == 20_000
+    assert len(passes_at_batches) == 20
+    gaps = [later - earlier for earlier, later in zip(passes_at_batches, passes_at_batches[1:])]
+    assert all(gap >= 1 for gap in gaps), gaps  # another callback ran between every two batches
 
 
 @pytest.mark.gen_test
