@@ -7,6 +7,7 @@ unexpected exception), leaves through ``write_error`` as
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -20,6 +21,27 @@ from kvd.app import AppContext
 from kvd.errors import CODES_BY_STATUS, BadRequest, KvdError, NotFound, Unavailable
 
 log = logging.getLogger("kvd.app")
+
+STALL_SECONDS = 60.0
+"""How long a streamed response may wait for its client to read before the connection is closed."""
+
+
+async def flushed_within(handler: RequestHandler, seconds: float) -> bool:
+    """Flush ``handler``'s output; False when the client took none of it for ``seconds``
+    (the caller closes the connection). Raises StreamClosedError when the client hung up.
+
+    A client that stops reading would otherwise hold its connection, and what
+    the response pins, for ever: the idle timeout covers reading requests, not
+    waiting on a response.
+    """
+    future = handler.flush()
+    if not future.done():
+        done, _ = await asyncio.wait([future], timeout=seconds)
+        if not done:
+            future.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" log
+            return False
+    future.result()
+    return True
 
 JSON_TYPE = "application/json"
 UTF8_CHARSETS = (None, "utf-8", "utf8")  # kvd reads bodies as UTF-8 only (another charset: 415)

@@ -57,7 +57,7 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 
 from kvd.errors import BadRequest, Gone, NotFound, plugin_required
-from kvd.handlers.base import ADMIN, BaseHandler, error_body
+from kvd.handlers.base import ADMIN, STALL_SECONDS, BaseHandler, error_body, flushed_within
 from kvd.log.format import Record
 from kvd.log.history import History, HistoryGone
 
@@ -148,8 +148,7 @@ class FeedHandler(BaseHandler):
     LIVE_BUFFER_BYTES = 32 << 20
     HEARTBEAT_SECONDS = 15.0
     """Idle time after which an SSE stream gets a ``: keepalive`` comment."""
-    STALL_SECONDS = 60.0
-    """How long a write may wait for the client to read before the connection is closed."""
+    STALL_SECONDS = STALL_SECONDS
 
     def initialize(self, ctx: Any) -> None:
         super().initialize(ctx)
@@ -448,19 +447,16 @@ class FeedHandler(BaseHandler):
         """Flush, waiting at most ``STALL_SECONDS`` for the client to take the bytes."""
         if self._gone or self._finished:
             raise _StreamEnded
-        future = self.flush()
         self._flushing = True
         try:
-            done, _ = await asyncio.wait([future], timeout=self.STALL_SECONDS)
+            flushed = await flushed_within(self, self.STALL_SECONDS)  # StreamClosedError: hung up
         finally:
             self._flushing = False
-        if not done:
-            future.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" log
+        if not flushed:
             log.info("closing a /journal stream whose client read nothing for %.0fs", self.STALL_SECONDS)
             self._gone = True
             self.request.connection.close()  # type: ignore[union-attr]
             raise _StreamEnded
-        future.result()  # StreamClosedError when the client hung up
 
     def _reason_line(self, code: str, message: str) -> bytes:
         body = error_body(code, message)

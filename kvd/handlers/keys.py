@@ -12,6 +12,7 @@ import asyncio
 import base64
 import bisect
 import functools
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +35,11 @@ from kvd.errors import (
 from kvd.handlers.base import (
     JSON_TYPE,
     READ,
+    STALL_SECONDS,
     UTF8_CHARSETS,
     WRITE,
     BaseHandler,
+    flushed_within,
     media_type_and_charset,
     requested_key,
     unsupported_coding,
@@ -50,6 +53,8 @@ from kvd.model import Change, Entry, KeyFilter, match_of
 MAX_KEY_BYTES = 1024
 MERGE_PATCH_TYPE = "application/merge-patch+json"
 _CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
+log = logging.getLogger("kvd.app")
+
 LISTING_BATCH = 1000
 MAX_LIMIT = 10_000
 CURSOR_VERSION = b"k"  # the cursor is this byte then the last key returned, base64url
@@ -311,6 +316,7 @@ class KeysBodyHandler(BaseHandler):
 
 class KeysHandler(KeysBodyHandler):
     endpoint = "/keys"
+    STALL_SECONDS = STALL_SECONDS  # a listing whose client reads nothing that long is cut off
 
     async def get(self) -> None:
         self.require_ready()
@@ -356,10 +362,14 @@ class KeysHandler(KeysBodyHandler):
             self.write((b"," if opened else b"{") + members)
             opened = True
             if len(batch) >= LISTING_BATCH:
-                try:
-                    await self.flush()  # stream: never build the whole listing in memory
+                try:  # stream: never build the whole listing in memory
+                    flushed = await flushed_within(self, self.STALL_SECONDS)
                 except StreamClosedError:
                     return  # the client hung up (``| head``, a timeout): nothing to log, no one to tell
+                if not flushed:
+                    log.info("closing a listing whose client read nothing for %.0fs", self.STALL_SECONDS)
+                    self.request.connection.close()  # type: ignore[union-attr]
+                    return
                 # A flush the socket takes at once is done already, and awaiting it does not
                 # give the loop back: without this, a fast reader's listing holds up every
                 # other request until its end (about a second for 200k keys).
