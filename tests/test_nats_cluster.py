@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 from natsserver import NatsCluster, NatsServer, nats_cluster, nats_server  # noqa: F401
 
+from kvd.log.format import segment_name
+from kvd.log.reader import JournalReader
+
 pytestmark = pytest.mark.nats
 
 
@@ -396,6 +399,57 @@ def test_a_forged_record_in_the_stream_is_refused_not_applied(nats_server: NatsS
     assert b"stream seq 2" in ready.body and b"checksum" in ready.body, ready.body
     assert node.get_key("a").json() == {"a": 1}  # never applied
     assert node.request("PUT", "/keys/b", 2).status == 503
+
+
+# --- a node that cannot follow the stream -------------------------------------------
+
+
+def wait_not_ready(node, timeout: float = 15.0) -> bytes:
+    """The body of the first 503 from ``/readyz``."""
+    deadline = time.monotonic() + timeout
+    while (ready := node.request("GET", "/readyz")).status == 200:
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.05)
+    assert ready.status == 503, ready.body
+    return ready.body
+
+
+def local_records(data_dir: Path) -> list[Any]:
+    return list(JournalReader(data_dir).records())
+
+
+def test_a_local_copy_the_disk_refuses_stops_the_node_until_a_restart_catches_up(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2)
+    value = "v" * 2000
+    for i in range(40):  # a's segment grows past its log, which must stay writable
+        assert b.request("PUT", f"/keys/k{i}", value).status == 201
+    state = consistent_state(a)
+    segment = tmp_path / "node0" / segment_name(1)
+    limit = segment.stat().st_size + 3000  # room for one more record, not two
+    subprocess.run(["prlimit", "--pid", str(a.process.pid), f"--fsize={limit}:"], check=True)  # soft only
+    for i in range(40, 50):  # committed by the stream; a can write only the first
+        assert b.request("PUT", f"/keys/k{i}", value).status == 201
+    body = wait_not_ready(a)
+    assert b"local copy" in body and b"File too large" in body, body
+    assert "CRITICAL" in a.log()
+    held = local_records(tmp_path / "node0")
+    assert [r.seq for r in held] == list(range(1, len(held) + 1)) and 40 <= len(held) < 50
+    assert a.request("PUT", "/keys/x", 1).status == 503
+    assert a.request("GET", "/keys?consistent=1").status == 503
+    assert a.request("GET", "/keys").json() == {**state, **{f"k{i}": value for i in range(40, len(held))}}
+
+    # The disk takes writes again: the node stays out until restarted, and skips nothing.
+    subprocess.run(["prlimit", "--pid", str(a.process.pid), "--fsize=unlimited:"], check=True)
+    assert b.request("PUT", "/keys/later", 1).status == 201
+    time.sleep(0.5)
+    assert a.request("GET", "/readyz").status == 503
+    assert a.request("PUT", "/keys/x", 1).status == 503
+    assert [r.seq for r in local_records(tmp_path / "node0")] == [r.seq for r in held]
+    a.kill()
+    restarted = kvd_process(data_dir=tmp_path / "node0", env=nats_env([nats_server.url]))
+    assert consistent_state(restarted) == consistent_state(b)
+    assert journal_lines(restarted) == journal_lines(b)
+    assert restarted.request("PUT", "/keys/x", 1).status == 201
 
 
 # --- a 3-server NATS cluster ------------------------------------------------------------

@@ -4,7 +4,9 @@ Each node applies the stream in order. It keeps a copy of what it applied
 in its data directory, written by the ``FileJournal`` this class extends,
 so history, the change feed, ``?at=``, snapshots and start-up work as on a
 single node; the copy is a cache (written without fsync), the stream is the
-record.
+record. A record that cannot be written to the copy (disk full) stops the
+node, writes and consistent reads, until a restart resumes from the stream
+where the copy ends: applying later records would leave a gap in it.
 
 Writes are optimistic: a node builds its records on everything it has
 received, and publishes them, one message per batch, with
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import logging
 import os
@@ -298,13 +301,37 @@ class NatsJournal(FileJournal):
             self._receive(message.metadata.sequence.stream, message.data)
         except Exception as exc:  # noqa: BLE001 - a bad message must stop writes, not the subscription
             if self._refusal is None:
-                self._refusal = f"cannot apply the stream: {exc}; restart this node"
-                log.critical("%s", self._refusal)
-                self._fail_all_own(JournalUnavailable(self._refusal))
-                if not self._caught_up:  # still starting: stop start-up rather than wait for ever
-                    for _, _, future in self._waiters:
-                        if not future.done():
-                            future.set_exception(StreamMismatch(str(exc)))
+                self._refuse(f"cannot apply the stream: {exc}; restart this node", StreamMismatch(str(exc)))
+
+    def _refuse(self, reason: str, at_start_up: StartupRefused | None = None) -> None:
+        """Refuse writes and consistent reads until restart; ``/readyz`` answers 503 with ``reason``.
+
+        Nothing received after this is applied or written, so the local copy
+        ends at its last whole record and a restart goes on from the stream.
+        A start-up still waiting for the stream stops with ``at_start_up``.
+        """
+        if self._refusal is None:
+            self._refusal = reason
+            log.critical("%s", reason)
+        error = JournalUnavailable(self._refusal)
+        self._fail_all_own(error)
+        waiters, self._waiters = self._waiters, []
+        for _, _, future in waiters:
+            if not future.done():
+                future.set_exception(error if self._caught_up else at_start_up or StartupRefused(self._refusal))
+
+    def _fail_pending(self, batch: list[_Pending], exc: BaseException) -> None:
+        """A record could not be written to the local copy: the stream holds it, so this
+        node can never apply it (nor anything after it) and stops until restart, which
+        goes on from the stream where the copy ends. (The file backend's writer may try
+        again: there a failed record was never committed.)"""
+        errno_ = getattr(exc, "errno", None) or errno.EIO
+        self._refuse(
+            f"the local copy in {self.directory} could not be written at record {batch[0].record.seq} "
+            f"({os.strerror(errno_)}), which the NATS stream holds: this node stops applying the stream; "
+            "restart it once the disk is writable and it catches up from the stream"
+        )
+        super()._fail_pending(batch, exc)
 
     def _receive(self, stream_seq: int, data: bytes) -> None:
         """Check one message against the chain and hand its records to the local copy."""
@@ -402,6 +429,8 @@ class NatsJournal(FileJournal):
 
     async def catch_up(self) -> None:
         """``?consistent=1``: apply everything the stream holds now before reading."""
+        if self._refusal is not None:
+            raise JournalUnavailable(f"a consistent read cannot be served: {self._refusal}")
         if not self._connected or self._js is None:
             raise JournalUnavailable("NATS is unavailable: a consistent read cannot be served")
         try:
