@@ -9,6 +9,8 @@ while NATS is away, and new nodes starting from a snapshot.
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -404,13 +406,12 @@ def test_a_forged_record_in_the_stream_is_refused_not_applied(nats_server: NatsS
 # --- a node that cannot follow the stream -------------------------------------------
 
 
-def wait_not_ready(node, timeout: float = 15.0) -> bytes:
-    """The body of the first 503 from ``/readyz``."""
+def wait_not_ready(node, *reasons: bytes, timeout: float = 15.0) -> bytes:
+    """The body of the first 503 from ``/readyz`` that gives one of ``reasons``."""
     deadline = time.monotonic() + timeout
-    while (ready := node.request("GET", "/readyz")).status == 200:
-        assert time.monotonic() < deadline, node.log()
+    while (ready := node.request("GET", "/readyz")).status != 503 or not any(r in ready.body for r in reasons):
+        assert time.monotonic() < deadline, (ready.body, node.log())
         time.sleep(0.05)
-    assert ready.status == 503, ready.body
     return ready.body
 
 
@@ -429,8 +430,8 @@ def test_a_local_copy_the_disk_refuses_stops_the_node_until_a_restart_catches_up
     subprocess.run(["prlimit", "--pid", str(a.process.pid), f"--fsize={limit}:"], check=True)  # soft only
     for i in range(40, 50):  # committed by the stream; a can write only the first
         assert b.request("PUT", f"/keys/k{i}", value).status == 201
-    body = wait_not_ready(a)
-    assert b"local copy" in body and b"File too large" in body, body
+    body = wait_not_ready(a, b"local copy")
+    assert b"File too large" in body, body
     assert "CRITICAL" in a.log()
     held = local_records(tmp_path / "node0")
     assert [r.seq for r in held] == list(range(1, len(held) + 1)) and 40 <= len(held) < 50
@@ -450,6 +451,88 @@ def test_a_local_copy_the_disk_refuses_stops_the_node_until_a_restart_catches_up
     assert consistent_state(restarted) == consistent_state(b)
     assert journal_lines(restarted) == journal_lines(b)
     assert restarted.request("PUT", "/keys/x", 1).status == 201
+
+
+def lose_the_tail(server: NatsServer, tmp_path: Path, write: Any) -> None:
+    """``write()`` acknowledged writes, then have the server lose them: its store
+    comes back from a copy taken before, as after an R1 power cut."""
+    server.stop()
+    backup = tmp_path / "store-backup"
+    shutil.copytree(server.store_dir, backup)
+    server.restart(graceful=False)
+    write()
+    server.kill()
+    shutil.rmtree(server.store_dir)
+    shutil.copytree(backup, server.store_dir)
+
+
+def test_a_stream_that_lost_what_a_node_applied_stops_that_node(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (a,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1, journal_nats_publish_timeout=2.0)
+    for i in range(5):
+        assert a.request("PUT", f"/keys/k{i}", i).status == 201
+
+    def acknowledged() -> None:
+        a.wait_ready(20)
+        for i in range(5, 10):
+            assert a.request("PUT", f"/keys/k{i}", i).status == 201
+
+    lose_the_tail(nats_server, tmp_path, acknowledged)
+    nats_server.restart(graceful=False)
+    body = wait_not_ready(a, b"NATS lost messages this node applied")
+    assert b"ends at seq 5" in body, body
+    assert "CRITICAL" in a.log()
+    assert a.request("PUT", "/keys/x", 1).status == 503
+    assert a.request("GET", "/keys?consistent=1").status == 503
+    # Another node follows the stream as it is; a never publishes onto it.
+    b = kvd_process(data_dir=tmp_path / "node1", env=nats_env([nats_server.url]))
+    for i in range(8):
+        assert b.request("PUT", f"/keys/n{i}", i).status == 201
+    assert a.request("PUT", "/keys/x", 1).status == 503
+    lines = journal_lines(b)
+    assert [line["seq"] for line in lines] == list(range(1, 14))
+    assert [line["prev"] for line in lines[1:]] == [line["hash"] for line in lines[:-1]]
+    assert b.request("GET", "/readyz").status == 200
+    assert a.get_key("k9").json() == {"k9": 9}  # a keeps what it applied, for recovery
+
+
+def test_a_stream_that_lost_a_nodes_records_and_took_others_is_never_forked(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    """The stream is back at the node's last stream seq, with other records there:
+    Nats-Expected-Last-Sequence would accept the node's next record, chained to a
+    record the stream no longer has. The node must find that out first."""
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2, journal_nats_publish_timeout=2.0)
+    for i in range(5):
+        assert a.request("PUT", f"/keys/k{i}", i).status == 201
+
+    def acknowledged() -> None:
+        a.wait_ready(20)
+        b.wait_ready(20)
+        for i in range(5, 10):
+            assert a.request("PUT", f"/keys/k{i}", i).status == 201
+        consistent_state(b)
+
+    lose_the_tail(nats_server, tmp_path, acknowledged)
+    a.process.send_signal(signal.SIGSTOP)  # a learns of it only once the stream has grown back
+    try:
+        b.kill()
+        nats_server.restart(graceful=False)
+        fresh = kvd_process(data_dir=tmp_path / "fresh", env=nats_env([nats_server.url]))
+        for i in range(5):  # stream seqs 6..10 again, other records
+            assert fresh.request("PUT", f"/keys/n{i}", i).status == 201
+    finally:
+        a.process.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while (put := a.request("PUT", "/keys/x", 1)).status == 503 and time.monotonic() < deadline:
+        if b"NATS lost messages" in a.request("GET", "/readyz").body:
+            break
+        time.sleep(0.02)
+    assert put.status == 503, put.body  # a 2xx here is record 11 chained onto a's lost record 10
+    wait_not_ready(a, b"NATS lost messages this node applied")
+    assert fresh.request("PUT", "/keys/after", 1).status == 201
+    assert fresh.request("GET", "/readyz").status == 200
+    lines = journal_lines(fresh)  # one chain, nothing of a's after the loss
+    assert [line["seq"] for line in lines] == list(range(1, 12))
+    assert [line["prev"] for line in lines[1:]] == [line["hash"] for line in lines[:-1]]
+    assert "x" not in consistent_state(fresh)
 
 
 # --- a 3-server NATS cluster ------------------------------------------------------------
