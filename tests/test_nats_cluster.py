@@ -9,6 +9,7 @@ while NATS is away, and new nodes starting from a snapshot.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -219,6 +220,30 @@ def test_nats_down_refuses_writes_serves_reads_and_resumes_without_gaps(nats_ser
     assert [line["set"] for line in lines[1:]] == [{"c": 3}] * (len(lines) - 1)
     assert len(lines) >= 2  # the batch, then c (a refused or retried write may have been stored too)
     assert consistent_state(node) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_a_hung_nats_server_makes_the_node_unready_within_seconds_and_it_recovers(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    """SIGSTOP: the TCP connection stays open, like a partition, and carries nothing."""
+    (node,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1, journal_nats_publish_timeout=1.0)
+    assert node.request("PUT", "/keys/a", 1).status == 201
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        body = wait_not_ready(node, b"NATS is unavailable", timeout=10)
+        assert time.monotonic() - stopped < 6, body  # docs/nats.md: about 3 s
+        assert metrics(node)["kvd_nats_connected"] == 0
+        assert node.get_key("a").json() == {"a": 1}  # served from the applied state
+        assert node.request("PUT", "/keys/b", 2).status == 503
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    node.wait_ready(20)
+    assert metrics(node)["kvd_nats_connected"] == 1
+    deadline = time.monotonic() + 20
+    while (put := node.request("PUT", "/keys/b", 2)).status == 503:  # as a client would retry
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.2)
+    assert put.status in (200, 201), put.body
+    assert consistent_state(node) == {"a": 1, "b": 2}
 
 
 def test_a_single_nats_server_killed_under_load_loses_no_acknowledged_write(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811

@@ -62,6 +62,11 @@ from kvd.model import Change
 log = logging.getLogger("kvd.journal")
 
 STALLED_SECONDS = 1.0  # an unconfirmed publish older than this makes /readyz answer 503
+# A hung server or a partition keeps the TCP connection open: a PING every second, and
+# the link counts as dead when the third finds two unanswered (about 3 s). nats-py's
+# defaults (2 minutes, 2) left a node ready for minutes on a link that carried nothing.
+PING_SECONDS = 1
+MAX_OUTSTANDING_PINGS = 2
 # A stream found shorter than what this node applied must stay so for this long before
 # the node refuses: a cluster member restarted a moment ago answers with its stale state
 # for about a second (tests/natsserver.py).
@@ -238,6 +243,7 @@ class NatsJournal(FileJournal):
                     # No buffer while reconnecting: nats-py would send a buffered publish
                     # on reconnect, before the stream is checked (_check_stream).
                     pending_size=0,
+                    ping_interval=PING_SECONDS, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
                 )
                 break
