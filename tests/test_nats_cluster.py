@@ -222,6 +222,24 @@ def test_nats_down_refuses_writes_serves_reads_and_resumes_without_gaps(nats_ser
     assert consistent_state(node) == {"a": 1, "b": 2, "c": 3}
 
 
+def test_a_node_started_while_nats_is_down_says_so_until_it_is_back(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (node,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1)
+    assert node.request("PUT", "/keys/a", 1).status == 201
+    node.kill()
+    nats_server.kill()
+    node.start(wait_ready=False)
+    body = wait_not_ready(node, b"cannot reach NATS")
+    assert nats_server.url.encode() in body, body
+    for path in ("/readyz", "/keys", "/keys/a"):
+        response = node.request("GET", path)
+        assert response.status == 503 and b"cannot reach NATS" in response.body, (path, response.body)
+        assert response.headers["Retry-After"] == "1"
+    assert node.request("GET", "/healthz").status == 200
+    nats_server.restart(graceful=False)
+    node.wait_ready(30)
+    assert consistent_state(node) == {"a": 1}
+
+
 def test_a_hung_nats_server_makes_the_node_unready_within_seconds_and_it_recovers(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
     """SIGSTOP: the TCP connection stays open, like a partition, and carries nothing."""
     (node,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1, journal_nats_publish_timeout=1.0)

@@ -523,6 +523,8 @@ class NatsJournal(FileJournal):
     def refusal(self) -> str | None:
         if self._refusal is not None:
             return self._refusal
+        if not self._connected and not self._caught_up:
+            return f"cannot reach NATS at {', '.join(self.settings.servers)}; start-up waits for it"
         if not self._connected:
             return "NATS is unavailable; reads are served from the last applied state"
         if not self._caught_up:
