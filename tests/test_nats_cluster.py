@@ -9,6 +9,9 @@ while NATS is away, and new nodes starting from a snapshot.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +22,9 @@ from typing import Any
 
 import pytest
 from natsserver import NatsCluster, NatsServer, nats_cluster, nats_server  # noqa: F401
+
+from kvd.log.format import segment_name
+from kvd.log.reader import JournalReader
 
 pytestmark = pytest.mark.nats
 
@@ -216,6 +222,48 @@ def test_nats_down_refuses_writes_serves_reads_and_resumes_without_gaps(nats_ser
     assert consistent_state(node) == {"a": 1, "b": 2, "c": 3}
 
 
+def test_a_node_started_while_nats_is_down_says_so_until_it_is_back(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (node,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1)
+    assert node.request("PUT", "/keys/a", 1).status == 201
+    node.kill()
+    nats_server.kill()
+    node.start(wait_ready=False)
+    body = wait_not_ready(node, b"cannot reach NATS")
+    assert nats_server.url.encode() in body, body
+    for path in ("/readyz", "/keys", "/keys/a"):
+        response = node.request("GET", path)
+        assert response.status == 503 and b"cannot reach NATS" in response.body, (path, response.body)
+        assert response.headers["Retry-After"] == "1"
+    assert node.request("GET", "/healthz").status == 200
+    nats_server.restart(graceful=False)
+    node.wait_ready(30)
+    assert consistent_state(node) == {"a": 1}
+
+
+def test_a_hung_nats_server_makes_the_node_unready_within_seconds_and_it_recovers(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    """SIGSTOP: the TCP connection stays open, like a partition, and carries nothing."""
+    (node,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1, journal_nats_publish_timeout=1.0)
+    assert node.request("PUT", "/keys/a", 1).status == 201
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        body = wait_not_ready(node, b"NATS is unavailable", timeout=10)
+        assert time.monotonic() - stopped < 6, body  # docs/nats.md: about 3 s
+        assert metrics(node)["kvd_nats_connected"] == 0
+        assert node.get_key("a").json() == {"a": 1}  # served from the applied state
+        assert node.request("PUT", "/keys/b", 2).status == 503
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    node.wait_ready(20)
+    assert metrics(node)["kvd_nats_connected"] == 1
+    deadline = time.monotonic() + 20
+    while (put := node.request("PUT", "/keys/b", 2)).status == 503:  # as a client would retry
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.2)
+    assert put.status in (200, 201), put.body
+    assert consistent_state(node) == {"a": 1, "b": 2}
+
+
 def test_a_single_nats_server_killed_under_load_loses_no_acknowledged_write(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
     """SIGKILL of the only NATS server (not a power loss): what it acknowledged is in its files."""
     nodes = start_nodes(kvd_process, tmp_path, [nats_server.url], 2, journal_nats_publish_timeout=2.0)
@@ -396,6 +444,138 @@ def test_a_forged_record_in_the_stream_is_refused_not_applied(nats_server: NatsS
     assert b"stream seq 2" in ready.body and b"checksum" in ready.body, ready.body
     assert node.get_key("a").json() == {"a": 1}  # never applied
     assert node.request("PUT", "/keys/b", 2).status == 503
+
+
+# --- a node that cannot follow the stream -------------------------------------------
+
+
+def wait_not_ready(node, *reasons: bytes, timeout: float = 15.0) -> bytes:
+    """The body of the first 503 from ``/readyz`` that gives one of ``reasons``."""
+    deadline = time.monotonic() + timeout
+    while (ready := node.request("GET", "/readyz")).status != 503 or not any(r in ready.body for r in reasons):
+        assert time.monotonic() < deadline, (ready.body, node.log())
+        time.sleep(0.05)
+    return ready.body
+
+
+def local_records(data_dir: Path) -> list[Any]:
+    return list(JournalReader(data_dir).records())
+
+
+def test_a_local_copy_the_disk_refuses_stops_the_node_until_a_restart_catches_up(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2)
+    value = "v" * 2000
+    for i in range(40):  # a's segment grows past its log, which must stay writable
+        assert b.request("PUT", f"/keys/k{i}", value).status == 201
+    state = consistent_state(a)
+    segment = tmp_path / "node0" / segment_name(1)
+    limit = segment.stat().st_size + 3000  # room for one more record, not two
+    subprocess.run(["prlimit", "--pid", str(a.process.pid), f"--fsize={limit}:"], check=True)  # soft only
+    for i in range(40, 50):  # committed by the stream; a can write only the first
+        assert b.request("PUT", f"/keys/k{i}", value).status == 201
+    body = wait_not_ready(a, b"local copy")
+    assert b"File too large" in body, body
+    assert "CRITICAL" in a.log()
+    held = local_records(tmp_path / "node0")
+    assert [r.seq for r in held] == list(range(1, len(held) + 1)) and 40 <= len(held) < 50
+    assert a.request("PUT", "/keys/x", 1).status == 503
+    assert a.request("GET", "/keys?consistent=1").status == 503
+    assert a.request("GET", "/keys").json() == {**state, **{f"k{i}": value for i in range(40, len(held))}}
+
+    # The disk takes writes again: the node stays out until restarted, and skips nothing.
+    subprocess.run(["prlimit", "--pid", str(a.process.pid), "--fsize=unlimited:"], check=True)
+    assert b.request("PUT", "/keys/later", 1).status == 201
+    time.sleep(0.5)
+    assert a.request("GET", "/readyz").status == 503
+    assert a.request("PUT", "/keys/x", 1).status == 503
+    assert [r.seq for r in local_records(tmp_path / "node0")] == [r.seq for r in held]
+    a.kill()
+    restarted = kvd_process(data_dir=tmp_path / "node0", env=nats_env([nats_server.url]))
+    assert consistent_state(restarted) == consistent_state(b)
+    assert journal_lines(restarted) == journal_lines(b)
+    assert restarted.request("PUT", "/keys/x", 1).status == 201
+
+
+def lose_the_tail(server: NatsServer, tmp_path: Path, write: Any) -> None:
+    """``write()`` acknowledged writes, then have the server lose them: its store
+    comes back from a copy taken before, as after an R1 power cut."""
+    server.stop()
+    backup = tmp_path / "store-backup"
+    shutil.copytree(server.store_dir, backup)
+    server.restart(graceful=False)
+    write()
+    server.kill()
+    shutil.rmtree(server.store_dir)
+    shutil.copytree(backup, server.store_dir)
+
+
+def test_a_stream_that_lost_what_a_node_applied_stops_that_node(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    (a,) = start_nodes(kvd_process, tmp_path, [nats_server.url], 1, journal_nats_publish_timeout=2.0)
+    for i in range(5):
+        assert a.request("PUT", f"/keys/k{i}", i).status == 201
+
+    def acknowledged() -> None:
+        a.wait_ready(20)
+        for i in range(5, 10):
+            assert a.request("PUT", f"/keys/k{i}", i).status == 201
+
+    lose_the_tail(nats_server, tmp_path, acknowledged)
+    nats_server.restart(graceful=False)
+    body = wait_not_ready(a, b"NATS lost messages this node applied")
+    assert b"ends at seq 5" in body, body
+    assert "CRITICAL" in a.log()
+    assert a.request("PUT", "/keys/x", 1).status == 503
+    assert a.request("GET", "/keys?consistent=1").status == 503
+    # Another node follows the stream as it is; a never publishes onto it.
+    b = kvd_process(data_dir=tmp_path / "node1", env=nats_env([nats_server.url]))
+    for i in range(8):
+        assert b.request("PUT", f"/keys/n{i}", i).status == 201
+    assert a.request("PUT", "/keys/x", 1).status == 503
+    lines = journal_lines(b)
+    assert [line["seq"] for line in lines] == list(range(1, 14))
+    assert [line["prev"] for line in lines[1:]] == [line["hash"] for line in lines[:-1]]
+    assert b.request("GET", "/readyz").status == 200
+    assert a.get_key("k9").json() == {"k9": 9}  # a keeps what it applied, for recovery
+
+
+def test_a_stream_that_lost_a_nodes_records_and_took_others_is_never_forked(nats_server: NatsServer, kvd_process, tmp_path: Path) -> None:  # noqa: F811
+    """The stream is back at the node's last stream seq, with other records there:
+    Nats-Expected-Last-Sequence would accept the node's next record, chained to a
+    record the stream no longer has. The node must find that out first."""
+    a, b = start_nodes(kvd_process, tmp_path, [nats_server.url], 2, journal_nats_publish_timeout=2.0)
+    for i in range(5):
+        assert a.request("PUT", f"/keys/k{i}", i).status == 201
+
+    def acknowledged() -> None:
+        a.wait_ready(20)
+        b.wait_ready(20)
+        for i in range(5, 10):
+            assert a.request("PUT", f"/keys/k{i}", i).status == 201
+        consistent_state(b)
+
+    lose_the_tail(nats_server, tmp_path, acknowledged)
+    a.process.send_signal(signal.SIGSTOP)  # a learns of it only once the stream has grown back
+    try:
+        b.kill()
+        nats_server.restart(graceful=False)
+        fresh = kvd_process(data_dir=tmp_path / "fresh", env=nats_env([nats_server.url]))
+        for i in range(5):  # stream seqs 6..10 again, other records
+            assert fresh.request("PUT", f"/keys/n{i}", i).status == 201
+    finally:
+        a.process.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while (put := a.request("PUT", "/keys/x", 1)).status == 503 and time.monotonic() < deadline:
+        if b"NATS lost messages" in a.request("GET", "/readyz").body:
+            break
+        time.sleep(0.02)
+    assert put.status == 503, put.body  # a 2xx here is record 11 chained onto a's lost record 10
+    wait_not_ready(a, b"NATS lost messages this node applied")
+    assert fresh.request("PUT", "/keys/after", 1).status == 201
+    assert fresh.request("GET", "/readyz").status == 200
+    lines = journal_lines(fresh)  # one chain, nothing of a's after the loss
+    assert [line["seq"] for line in lines] == list(range(1, 12))
+    assert [line["prev"] for line in lines[1:]] == [line["hash"] for line in lines[:-1]]
+    assert "x" not in consistent_state(fresh)
 
 
 # --- a 3-server NATS cluster ------------------------------------------------------------

@@ -189,7 +189,7 @@ class BaseHandler(RequestHandler):
 
     def require_ready(self) -> None:
         if not self.store.ready:
-            raise Unavailable("kvd is replaying its journal", headers={"Retry-After": "1"})
+            raise Unavailable(self.starting_reason(), headers={"Retry-After": "1"})
         if "at" in self.request.query_arguments and not (
             self.past_reads and self.request.method in ("GET", "HEAD")
         ):
@@ -198,6 +198,13 @@ class BaseHandler(RequestHandler):
                 "?at= reads a past state: only GET and HEAD of /keys and /keys/{id} take it"
             )
         self.refuse_unknown_parameters()
+
+    def starting_reason(self) -> str:
+        """Why the store does not serve yet: the journal's reason when it has one (NATS
+        unreachable, say), which replaying cannot end, else the replay itself."""
+        journal = self.ctx.journal
+        problem = journal.readiness_problem if journal is not None else None
+        return problem or "kvd is replaying its journal"
 
     def refuse_unknown_parameters(self) -> None:
         """On a write, a query parameter kvd does not know is a 400, never ignored.

@@ -26,7 +26,7 @@ class ReadyHandler(BaseHandler):
 
     def get(self) -> None:
         if not self.store.ready:
-            raise Unavailable("replaying the journal", headers={"Retry-After": "1"})
+            raise Unavailable(self.starting_reason(), headers={"Retry-After": "1"})
         journal = self.ctx.journal
         problem = journal.readiness_problem if journal is not None else None
         if problem is not None:

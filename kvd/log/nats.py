@@ -4,7 +4,9 @@ Each node applies the stream in order. It keeps a copy of what it applied
 in its data directory, written by the ``FileJournal`` this class extends,
 so history, the change feed, ``?at=``, snapshots and start-up work as on a
 single node; the copy is a cache (written without fsync), the stream is the
-record.
+record. A record that cannot be written to the copy (disk full) stops the
+node, writes and consistent reads, until a restart resumes from the stream
+where the copy ends: applying later records would leave a gap in it.
 
 Writes are optimistic: a node builds its records on everything it has
 received, and publishes them, one message per batch, with
@@ -20,12 +22,20 @@ A publish NATS does not confirm is sent again, unchanged (``Nats-Msg-Id``
 lets JetStream store it once), until ``publish_timeout``; then its writers
 get 503 (the outcome is unknown: the record may still be stored, and is then
 applied like any other).
+
+A stream can lose acknowledged messages (an R1 server's power cut before
+its fsync, a store restored from a backup) and take others at their
+stream seqs, where ``Nats-Expected-Last-Sequence`` would accept a record
+chained to one that is gone. So after a disconnect, or a message delivered
+again, a node publishes nothing until it has seen the stream still hold
+its last received record; if it does not, the node refuses for good.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import logging
 import os
@@ -52,6 +62,15 @@ from kvd.model import Change
 log = logging.getLogger("kvd.journal")
 
 STALLED_SECONDS = 1.0  # an unconfirmed publish older than this makes /readyz answer 503
+# A hung server or a partition keeps the TCP connection open: a PING every second, and
+# the link counts as dead when the third finds two unanswered (about 3 s). nats-py's
+# defaults (2 minutes, 2) left a node ready for minutes on a link that carried nothing.
+PING_SECONDS = 1
+MAX_OUTSTANDING_PINGS = 2
+# A stream found shorter than what this node applied must stay so for this long before
+# the node refuses: a cluster member restarted a moment ago answers with its stale state
+# for about a second (tests/natsserver.py).
+SHORT_STREAM_SECONDS = 3.0
 HEADER_ROOM = 1024  # bytes of max_payload left for headers
 KEEP_SNAPSHOTS = 2  # in the bucket, with archive off; the stream keeps the records after the older one
 
@@ -158,6 +177,12 @@ class NatsJournal(FileJournal):
         self._unconfirmed_since: float | None = None  # when the oldest unconfirmed publish went out
         self._probe: asyncio.Task[None] | None = None
         self._probe_first_answer: float | None = None  # the window starts again on each reconnect
+        # False from a disconnect (or a redelivered message) until the stream is seen to
+        # still hold the last record received: writes queue but nothing is published
+        # meanwhile, since Nats-Expected-Last-Sequence compares stream seqs, not what
+        # is at them. The check takes a round trip or two.
+        self._stream_checked = True
+        self._check: asyncio.Task[None] | None = None
         self._closing = False
         self._cut_stream_seqs: dict[int, int] = {}  # snapshot seq -> stream seq of its last message
         self.published = Counts()
@@ -187,6 +212,8 @@ class NatsJournal(FileJournal):
         self._tail_seq, self._tail_hash = self._received_seq, self._received_hash
         self._expected = max(self._expected, self._received_stream_seq)
         self._caught_up = True
+        if not self._stream_checked:  # NATS went away and came back during start-up
+            self._start_check()
         log.info(
             "NATS stream %s: applied through stream seq %d (record %d)",
             self.settings.stream, self._applied_stream_seq, self._received_seq,
@@ -195,6 +222,7 @@ class NatsJournal(FileJournal):
     async def _connect(self) -> None:
         async def disconnected() -> None:
             self._connected = False
+            self._stream_checked = False
             if not self._closing:
                 log.warning("NATS disconnected: writes answer 503 until it is back")
 
@@ -202,6 +230,7 @@ class NatsJournal(FileJournal):
             self._connected = True
             log.info("NATS reconnected to %s", self._nc.connected_url.netloc if self._nc else "?")
             self._doubt_the_stream()
+            self._start_check()
 
         async def error(exc: Exception) -> None:
             log.warning("NATS: %s", exc)
@@ -211,6 +240,10 @@ class NatsJournal(FileJournal):
                 self._nc = await nats.connect(
                     servers=self.settings.servers, name=f"kvd-{os.getpid()}",
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    # No buffer while reconnecting: nats-py would send a buffered publish
+                    # on reconnect, before the stream is checked (_check_stream).
+                    pending_size=0,
+                    ping_interval=PING_SECONDS, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
                 )
                 break
@@ -254,7 +287,8 @@ class NatsJournal(FileJournal):
         if local > last_last and where.messages:
             raise StreamMismatch(
                 f"{self.directory} holds records up to seq {local}, past the stream's last ({last_last}): "
-                "another stream's copy; move the directory away to start from the stream"
+                "another stream's copy, or NATS lost messages this node applied; move the directory "
+                "away (keep it, if it holds lost records) to start from the stream"
             )
         if newest is None or newest.seq < local or newest.stream_seq + 1 < where.first:
             raise StreamMismatch(
@@ -298,18 +332,48 @@ class NatsJournal(FileJournal):
             self._receive(message.metadata.sequence.stream, message.data)
         except Exception as exc:  # noqa: BLE001 - a bad message must stop writes, not the subscription
             if self._refusal is None:
-                self._refusal = f"cannot apply the stream: {exc}; restart this node"
-                log.critical("%s", self._refusal)
-                self._fail_all_own(JournalUnavailable(self._refusal))
-                if not self._caught_up:  # still starting: stop start-up rather than wait for ever
-                    for _, _, future in self._waiters:
-                        if not future.done():
-                            future.set_exception(StreamMismatch(str(exc)))
+                self._refuse(f"cannot apply the stream: {exc}; restart this node", StreamMismatch(str(exc)))
+
+    def _refuse(self, reason: str, at_start_up: StartupRefused | None = None) -> None:
+        """Refuse writes and consistent reads until restart; ``/readyz`` answers 503 with ``reason``.
+
+        Nothing received after this is applied or written, so the local copy
+        ends at its last whole record and a restart goes on from the stream.
+        A start-up still waiting for the stream stops with ``at_start_up``.
+        """
+        if self._refusal is None:
+            self._refusal = reason
+            log.critical("%s", reason)
+        error = JournalUnavailable(self._refusal)
+        self._fail_all_own(error)
+        waiters, self._waiters = self._waiters, []
+        for _, _, future in waiters:
+            if not future.done():
+                future.set_exception(error if self._caught_up else at_start_up or StartupRefused(self._refusal))
+
+    def _fail_pending(self, batch: list[_Pending], exc: BaseException) -> None:
+        """A record could not be written to the local copy: the stream holds it, so this
+        node can never apply it (nor anything after it) and stops until restart, which
+        goes on from the stream where the copy ends. (The file backend's writer may try
+        again: there a failed record was never committed.)"""
+        errno_ = getattr(exc, "errno", None) or errno.EIO
+        self._refuse(
+            f"the local copy in {self.directory} could not be written at record {batch[0].record.seq} "
+            f"({os.strerror(errno_)}), which the NATS stream holds: this node stops applying the stream; "
+            "restart it once the disk is writable and it catches up from the stream"
+        )
+        super()._fail_pending(batch, exc)
 
     def _receive(self, stream_seq: int, data: bytes) -> None:
         """Check one message against the chain and hand its records to the local copy."""
-        if stream_seq <= self._received_stream_seq or self._refusal is not None:
-            return  # delivered again after a reconnect
+        if self._refusal is not None:
+            return
+        if stream_seq <= self._received_stream_seq:
+            # Delivered again (after a reconnect), or the stream lost messages and
+            # took new ones at their seqs: publish nothing until it is checked.
+            self._stream_checked = False
+            self._start_check()
+            return
         records = []
         seq, prev = self._received_seq, self._received_hash
         for line in nats_stream.lines(data):
@@ -402,10 +466,20 @@ class NatsJournal(FileJournal):
 
     async def catch_up(self) -> None:
         """``?consistent=1``: apply everything the stream holds now before reading."""
+        if self._refusal is not None:
+            raise JournalUnavailable(f"a consistent read cannot be served: {self._refusal}")
         if not self._connected or self._js is None:
             raise JournalUnavailable("NATS is unavailable: a consistent read cannot be served")
+        have = self._received_stream_seq  # before asking: messages arrive meanwhile
         try:
             last = (await nats_stream.position(self._js, self.settings.stream)).last
+            if last < have:  # the stream lost messages, or a stale answer
+                self._stream_checked = False
+                self._start_check()
+                raise JournalUnavailable(
+                    f"the NATS stream ends at seq {last}, before seq {have} "
+                    "applied here: a consistent read cannot be served"
+                )
             await asyncio.wait_for(self._wait_applied(last), self.settings.publish_timeout)
         except (NatsError, TimeoutError) as exc:
             raise JournalUnavailable(f"NATS did not answer in time: {exc or 'timeout'}") from None
@@ -449,6 +523,8 @@ class NatsJournal(FileJournal):
     def refusal(self) -> str | None:
         if self._refusal is not None:
             return self._refusal
+        if not self._connected and not self._caught_up:
+            return f"cannot reach NATS at {', '.join(self.settings.servers)}; start-up waits for it"
         if not self._connected:
             return "NATS is unavailable; reads are served from the last applied state"
         if not self._caught_up:
@@ -511,6 +587,9 @@ class NatsJournal(FileJournal):
             if remaining <= 0:
                 self._abandon(batch)
                 return
+            if not self._stream_checked:  # the expected seq may no longer hold our chain
+                await asyncio.sleep(min(pause, remaining))
+                continue
             try:
                 ack = await self._js.publish(
                     self.subject, batch.payload, timeout=min(remaining, 1.0), headers=headers
@@ -596,6 +675,66 @@ class NatsJournal(FileJournal):
             if self._inflight is None and stream_has_quorum(info, heard_within_ns):
                 self._unconfirmed_since = None
 
+    def _start_check(self) -> None:
+        if self._js is not None and self._caught_up and (self._check is None or self._check.done()):
+            self._check = asyncio.get_running_loop().create_task(self._check_stream())
+
+    async def _check_stream(self) -> None:
+        """Until the stream is seen to hold this node's last received record (then writes
+        go on) or not to (then the node refuses for good: it applied records the
+        stream no longer has, and publishing would chain onto a record that is gone)."""
+        loop = asyncio.get_running_loop()
+        short_since: float | None = None
+        while not self._stream_checked and self._refusal is None and not self._closed:
+            if not self._connected:
+                return  # the reconnect starts the check again
+            try:
+                problem, short = await self._stream_lost()
+            except (NatsError, TimeoutError, OSError, KeyError, ValueError, RecordError) as exc:
+                log.debug("checking the stream: %r; trying again", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if problem is None:
+                self._stream_checked = True
+                return
+            if short:  # perhaps a stale answer: it must last
+                short_since = loop.time() if short_since is None else short_since
+                if loop.time() - short_since < SHORT_STREAM_SECONDS:
+                    await asyncio.sleep(0.5)
+                    continue
+            self._refuse(
+                f"{problem}: NATS lost messages this node applied (a server restored from an older "
+                "store, or one that lost power before its fsync); this node refuses writes so it "
+                "never chains a record onto one the stream no longer has. Its data directory holds "
+                "the lost records: keep it, and start the node with an empty one to follow the stream"
+            )
+            return
+
+    async def _stream_lost(self) -> tuple[str | None, bool]:
+        """(what the stream lost, or None; whether it is only shorter than expected)."""
+        assert self._js is not None
+        stream = self.settings.stream
+        # Taken before asking: records received meanwhile may be newer than the answer.
+        have, seq, digest = self._received_stream_seq, self._received_seq, self._received_hash
+        where = await nats_stream.position(self._js, stream)
+        if where.last < have:
+            return f"stream {stream} ends at seq {where.last}, before seq {have} applied here", True
+        if seq == 0 or where.messages == 0:
+            return None, False
+        last_seq = (await nats_stream.record_range(self._js, stream, where.last))[1]
+        if last_seq < seq:
+            return f"stream {stream} ends at record {last_seq}, before record {seq} applied here", True
+        found = await nats_stream.find_message(self._js, stream, seq, where)
+        if found is None:
+            return None, False  # trimmed by a compaction: the chain check on the next record decides
+        for line in nats_stream.lines((await self._js.get_msg(stream, found)).data):
+            record = decode_record(line)
+            if record.seq == seq:
+                if record.hash != digest:
+                    return f"record {seq} in stream {stream} differs from the one applied here", False
+                return None, False
+        return f"stream {stream} seq {found} does not hold record {seq} as its headers say", False
+
     def _fail_all_own(self, error: Exception) -> None:
         failed = (self._inflight.items if self._inflight is not None else []) + self._outbox
         failed += [item for batch in self._acked.values() for item in batch.items]
@@ -645,8 +784,9 @@ class NatsJournal(FileJournal):
         if self._closed:
             return
         self._closing = True
-        if self._probe is not None:
-            self._probe.cancel()
+        for task in (self._probe, self._check):
+            if task is not None:
+                task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, self.settings.publish_timeout)
