@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
-from tornado.netutil import add_accept_handler
 
 from kvd.errors import KvdError
+from kvd.handlers.accept import add_accept_handler
 from kvd.handlers.base import key_in_path
 from kvd.handlers.fast import (
     ENDPOINT,
