@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,7 @@ class KvdProcess:
     data_dir: Path
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    preexec: Callable[[], None] | None = None  # run in the child before kvd (limits)
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
     log_path: Path | None = None
@@ -211,6 +212,7 @@ class KvdProcess:
             [sys.executable, "-m", "kvd", "serve", "--port", "0", "--host", "127.0.0.1",
              "--data-dir", str(self.data_dir), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent,
+            preexec_fn=self.preexec,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -281,12 +283,14 @@ class KvdProcess:
 
 @pytest.fixture
 def kvd_process(tmp_path: Path) -> Iterator[Any]:
-    """Factory: ``kvd_process(data_dir=None, args=[], env={})`` starts a server; all are killed after."""
+    """Factory: ``kvd_process(data_dir=None, args=[], env={}, preexec=None)`` starts a
+    server; all are killed after."""
     started: list[KvdProcess] = []
 
     def start(data_dir: Path | None = None, args: list[str] | None = None,
-              env: dict[str, str] | None = None, wait_ready: bool = True) -> KvdProcess:
-        server = KvdProcess(data_dir or tmp_path / "data", list(args or []), dict(env or {}))
+              env: dict[str, str] | None = None, wait_ready: bool = True,
+              preexec: Callable[[], None] | None = None) -> KvdProcess:
+        server = KvdProcess(data_dir or tmp_path / "data", list(args or []), dict(env or {}), preexec)
         started.append(server)
         return server.start(wait_ready=wait_ready)
 

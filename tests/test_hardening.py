@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import http.client
 import json
+import logging
+import os
+import resource
 import socket
 import ssl
 import subprocess
@@ -11,6 +16,8 @@ import time
 
 import pytest
 from test_framing import exchange
+
+from kvd.handlers.accept import add_accept_handler
 
 
 @pytest.fixture
@@ -150,3 +157,79 @@ def test_values_are_never_logged(kvd_process):
     log = server.log()
     assert "PUT /keys 200" in log  # the access log is on
     assert secret_value not in log and secret_key not in log
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used (/proc/PID/stat utime + stime)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def limit_open_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fast_wire", ["true", "false"])
+def test_at_the_open_files_limit_the_server_waits_quietly_and_accepts_again(kvd_process, fast_wire):
+    """EMFILE from accept() once spun the loop at 100% CPU with a traceback per try
+    (tornado's accept handler): now accepting pauses, with one warning, until a
+    descriptor frees up."""
+    server = kvd_process(env={"KVD_SERVER_FAST_WIRE": fast_wire}, preexec=limit_open_files)
+    assert server.process is not None
+    pid = server.process.pid
+    assert server.request("PUT", "/keys/k", 1).status == 201
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
+    deadline = time.monotonic() + 10
+    while "too many open files" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = cpu_seconds(pid)
+    time.sleep(3)
+    used = cpu_seconds(pid) - started
+    log = server.log()
+    assert used < 0.5, f"{used:.2f} s of CPU in 3 s at the limit"
+    assert log.count("too many open files (limit 64)") == 1 and "Traceback" not in log, log
+    assert len(log) < 2000
+    for sock in idle:
+        sock.close()
+    assert server.request("GET", "/healthz").status == 200
+    assert server.get_key("k").json() == {"k": 1}
+    assert "accepting connections again after" in server.log()
+
+
+class OutOfFiles(socket.socket):
+    """A listening socket whose accept() fails with EMFILE while ``failing``."""
+
+    failing = True
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_accepting_pauses_on_emfile_resumes_and_stops_cleanly_while_paused(caplog):
+    caplog.set_level(logging.INFO, "kvd.app")
+    listener = OutOfFiles()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    accepted: list[socket.socket] = []
+    stop = add_accept_handler(listener, lambda connection, _: accepted.append(connection))
+    client = socket.create_connection(listener.getsockname())
+    await asyncio.sleep(0.5)  # tries at 0, 0.1, 0.3 s: paused in between
+    assert accepted == [] and caplog.text.count("not accepting connections") == 1
+    listener.failing = False
+    await asyncio.sleep(1.2)
+    assert len(accepted) == 1 and "accepting connections again after" in caplog.text
+    listener.failing = True
+    other = socket.create_connection(listener.getsockname())
+    await asyncio.sleep(0.05)  # paused again (the warning is not repeated within a minute)
+    stop()
+    listener.failing = False
+    await asyncio.sleep(0.3)  # the retry that was due must not watch the socket again
+    assert len(accepted) == 1 and caplog.text.count("not accepting connections") == 1
+    for sock in (client, other, listener, *accepted):
+        sock.close()

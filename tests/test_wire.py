@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from urllib.parse import urlsplit
 
@@ -392,3 +393,100 @@ def test_sigkill_loses_no_write_the_wire_acknowledged(kvd_process, tmp_path):
         if stored not in (n, in_flight[key]):
             missing[key] = (n, stored)
     assert not missing, missing
+
+
+# --- clients that do not read their answers ------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's state of ``sock`` (TCP_INFO's first byte): 1 established, 7 closed."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tail", [b"", get("/healthz") + get("/keys/big")], ids=["hot", "then-tornado"])
+def test_a_client_that_pipelines_reads_and_reads_nothing_holds_little_memory_and_is_cut_off(
+    kvd_process, tail
+):
+    """A 35 KB pipeline of reads of a 900 KB value once queued an answer per request
+    (850 MiB) and held it until the client left. The wire answers no further than the
+    transport's high-water mark, and aborts the connection once its client has read
+    nothing for idle_timeout (a graceful close would wait for it forever)."""
+    server = kvd_process(env={"KVD_SERVER_IDLE_TIMEOUT": "2"})
+    value = "x" * 900_000
+    assert server.request("PUT", "/keys/big", value).status == 201
+    assert server.process is not None
+    pid = server.process.pid
+    before = rss_bytes(pid)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.settimeout(5)
+    sock.sendall(get("/keys/big") * 1000 + tail)
+    started = time.monotonic()
+    time.sleep(1)
+    held = rss_bytes(pid) - before
+    assert tcp_state(sock) == 1  # not cut off before idle_timeout
+    assert held < 64 << 20, f"{held >> 20} MiB held for one connection"
+    while tcp_state(sock) == 1 and time.monotonic() - started < 10:
+        time.sleep(0.1)
+    took = time.monotonic() - started
+    assert tcp_state(sock) != 1 and 2 <= took < 6, took
+    sock.close()
+    response = server.get_key("big")
+    assert response.status == 200 and response.json() == {"big": value}
+    assert rss_bytes(pid) - before < 64 << 20
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_pipeline_whose_answers_outgrow_the_buffers_is_answered_whole_and_in_order(
+    http_server, base_url, monkeypatch
+):
+    """The client reads only once everything is sent: the wire stops answering at the
+    transport's high-water mark, answers on as the client reads, then hands the rest to
+    tornado, which answers after the wire's last answer."""
+    from kvd.handlers import wire
+
+    pauses = []
+    pause_writing = wire.WireConnection.pause_writing
+
+    def counted(self: wire.WireConnection) -> None:
+        pauses.append(len(self.buffer))
+        pause_writing(self)
+
+    monkeypatch.setattr(wire.WireConnection, "pause_writing", counted)
+    values = {f"v{number}": str(number) * 200_000 for number in range(3)}
+    conn = await Connection.open(base_url)
+    for key, value in values.items():
+        await conn.send(put(key, value))
+        assert (await conn.response())[0] == 201
+    keys = [f"v{number % 3}" for number in range(60)]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", urlsplit(base_url).port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    slow = Connection(reader, writer)
+    await slow.send(b"".join(get(f"/keys/{key}") for key in keys) + get("/healthz") + get("/keys/v0"))
+    await asyncio.sleep(0.2)  # the wire answers what the buffers take, then waits
+    assert pauses, "the transport never held the answers back: the test tests nothing"
+    queued = [connection.transport.get_write_buffer_size() for connection in http_server.kvd_wire.connections
+              if connection.transport is not None]
+    assert max(queued) < wire.WRITE_HIGH + 2 * 200_000, queued  # not 60 answers queued
+    for key in keys:
+        status, _, body = await slow.response()
+        assert status == 200 and json.loads(body) == {key: values[key]}
+    status, _, body = await slow.response()
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert (await slow.response())[2] == json.dumps({"v0": values["v0"]}, separators=(",", ":")).encode()
+    slow.close()
+    conn.close()

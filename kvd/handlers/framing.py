@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from asyncio import Future
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from tornado import httputil
@@ -30,6 +30,7 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
 from kvd.errors import BadRequest, HeaderTooLarge, KvdError, PayloadTooLarge
+from kvd.handlers.accept import add_accept_handler
 from kvd.handlers.fast import ENDPOINT, PREFIX, encode_answer, error_answer
 
 if TYPE_CHECKING:
@@ -150,6 +151,13 @@ class KvdHTTPServer(HTTPServer):
     def initialize(self, *args: Any, **kwargs: Any) -> None:
         kwargs["max_body_size"] = UNLIMITED_BODY  # kvd's own limit answers 413 (see UNLIMITED_BODY)
         super().initialize(*args, **kwargs)
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        """As tornado's, with kvd's accept handler: it pauses at the open-files limit
+        instead of spinning (kvd.handlers.accept)."""
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = add_accept_handler(sock, self._handle_connection)
 
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         write, close = stream.write, stream.close
