@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import logging
 from urllib.parse import quote
@@ -235,7 +236,7 @@ async def test_a_long_listing_lets_other_requests_in_between_its_batches(api, ha
     counting = False
     assert response.code == 200 and len(json.loads(response.body)) == 20_000
     assert len(passes_at_batches) == 20
-    gaps = [later - earlier for earlier, later in zip(passes_at_batches, passes_at_batches[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(passes_at_batches)]
     assert all(gap >= 1 for gap in gaps), gaps  # another callback ran between every two batches
 
 
