@@ -222,6 +222,7 @@ class Store:
 
         Each batch is taken afresh from the index, so the store may change
         between batches; a key that exists throughout is yielded exactly once.
+        A batch is empty when none of its ``batch`` keys matched.
         """
         prefix = key_filter.prefix if key_filter is not None else ""
         match = match_of(key_filter)
@@ -247,8 +248,7 @@ class Store:
                     (key, value) for key, value in found
                     if (expires_at := expiry.get(key)) is None or expires_at > now
                 ]
-            if found:
-                yield found
+            yield found  # also when empty: the caller gets control after every batch of the index
             if len(keys) < batch:
                 return
             lower, inclusive_lower = keys[-1], False

@@ -205,10 +205,19 @@ async def test_listing_streams_more_keys_than_one_batch(api):
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_a_long_listing_lets_other_requests_in_between_its_batches(api, harness, monkeypatch):
-    """While a client reads as fast as kvd writes, each batch's flush is done at once: the
-    listing must still give the loop back between batches, or every other request waits
-    for the whole listing (about a second for 200k keys)."""
+@pytest.mark.parametrize("query, keys_listed", [
+    ("", 20_000),  # streamed, read as fast as it is written: each flush is done at once
+    ("?filter=*zzz", 0),  # streamed, every batch of the index emptied by the filter
+    ("?filter=*zzz&limit=10", 0),  # a page, the same
+])
+async def test_a_long_listing_lets_other_requests_in_between_its_batches(
+        api, harness, monkeypatch, query, keys_listed):
+    """A listing that never waits on its client or the filter must still give the loop
+    back as it works through the index, or every other request waits for its end
+    (about a second for 200k keys). Here it gives way after every batch."""
+    from kvd.handlers import keys as keys_module
+
+    monkeypatch.setattr(keys_module, "GIVE_WAY_SECONDS", 0.0)
     pad = b'"' + b"x" * 100 + b'"'
     for start in range(0, 20_000, 5_000):
         await harness.store.write(Change(op="put", set={f"k{i:06d}": pad for i in range(start, start + 5_000)}))
@@ -232,12 +241,34 @@ async def test_a_long_listing_lets_other_requests_in_between_its_batches(api, ha
     monkeypatch.setattr(harness.store, "scan", watched_scan)
     counting = True
     loop.call_soon(count_loop_passes)
-    response = await api("GET", "/keys")
+    response = await api("GET", "/keys" + query)
     counting = False
-    assert response.code == 200 and len(json.loads(response.body)) == 20_000
-    assert len(passes_at_batches) == 20
+    assert response.code == 200 and len(json.loads(response.body)) == keys_listed
+    assert len(passes_at_batches) >= 20  # every batch of the index, even those the filter empties
     gaps = [later - earlier for earlier, later in itertools.pairwise(passes_at_batches)]
     assert all(gap >= 1 for gap in gaps), gaps  # another callback ran between every two batches
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_filtered_listing_is_streamed_however_few_of_each_batch_it_keeps(api, harness, monkeypatch):
+    """Flushed by the bytes written, not only after full batches: a filter keeping half of
+    each batch once left the whole listing in memory until its end."""
+    from kvd.handlers import keys as keys_module
+
+    monkeypatch.setattr(keys_module, "FLUSH_BYTES", 50_000)
+    pad = b'"' + b"x" * 100 + b'"'
+    await harness.store.write(Change(op="put", set={f"k{i:05d}{'ab'[i % 2]}": pad for i in range(10_000)}))
+    flushed_sizes: list[int] = []
+    real_flush = keys_module.KeysHandler.flush
+
+    def flush(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        flushed_sizes.append(sum(len(part) for part in self._write_buffer))
+        return real_flush(self, *args, **kwargs)
+
+    monkeypatch.setattr(keys_module.KeysHandler, "flush", flush)
+    response = await api("GET", "/keys?filter=*b")  # half of every batch
+    assert response.code == 200 and len(json.loads(response.body)) == 5_000
+    assert len(flushed_sizes) >= 8 and max(flushed_sizes) < 50_000 + 1000 * 120, flushed_sizes
 
 
 @pytest.mark.gen_test

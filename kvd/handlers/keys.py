@@ -13,6 +13,7 @@ import base64
 import bisect
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,8 @@ _CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
 log = logging.getLogger("kvd.app")
 
 LISTING_BATCH = 1000
+FLUSH_BYTES = 1 << 18  # a streamed listing is flushed at least this often, whatever the filter keeps
+GIVE_WAY_SECONDS = 0.005  # the longest a listing runs before others are served (give_way)
 MAX_LIMIT = 10_000
 CURSOR_VERSION = b"k"  # the cursor is this byte then the last key returned, base64url
 
@@ -176,6 +179,21 @@ def read_past_state(history: History, point: int | float, head: int, now: float)
         moment = parse_ts(ts) if ts is not None else now
     live = {key: entry for key, entry in entries.items() if not entry.expired(moment)}
     return PastState(seq, moment, live)
+
+
+async def give_way(since: float) -> float:
+    """Let the loop serve others when this listing has run ``GIVE_WAY_SECONDS`` since ``since``;
+    returns the new ``since``.
+
+    A listing works through the index without waiting on anything: a flush
+    the socket takes at once is done already, and a batch the filter empties
+    writes nothing. Without this, one long listing (about a second for 200k
+    keys) holds up every other request until its end.
+    """
+    if time.monotonic() - since < GIVE_WAY_SECONDS:
+        return since
+    await asyncio.sleep(0)
+    return time.monotonic()
 
 
 def past_batches(
@@ -333,7 +351,7 @@ class KeysHandler(KeysBodyHandler):
         if limit is None and after is None:
             await self._stream_all(key_filter, items)
             return
-        page, more = self._page(key_filter, after, limit or MAX_LIMIT, items)
+        page, more = await self._page(key_filter, after, limit or MAX_LIMIT, items)
         if more:
             self.set_header("Link", f'<{self._next_url(page[-1][0], limit)}>; rel="next"')
         self.finish(b"{" + json_members(page) + b"}")
@@ -355,14 +373,17 @@ class KeysHandler(KeysBodyHandler):
         self, key_filter: KeyFilter | None, past: list[tuple[str, bytes]] | None
     ) -> None:
         opened = False
+        unflushed = 0
+        given_way = time.monotonic()
         for batch in self._batches(key_filter, None, LISTING_BATCH, past):
             members = json_members(self.visible(batch))
-            if not members:
-                continue
-            self.write((b"," if opened else b"{") + members)
-            opened = True
-            if len(batch) >= LISTING_BATCH:
-                try:  # stream: never build the whole listing in memory
+            if members:
+                self.write((b"," if opened else b"{") + members)
+                opened = True
+                unflushed += len(members)
+            if opened and (len(batch) >= LISTING_BATCH or unflushed >= FLUSH_BYTES):
+                unflushed = 0  # stream: never build the whole listing in memory
+                try:
                     flushed = await flushed_within(self, self.STALL_SECONDS)
                 except StreamClosedError:
                     return  # the client hung up (``| head``, a timeout): nothing to log, no one to tell
@@ -370,23 +391,22 @@ class KeysHandler(KeysBodyHandler):
                     log.info("closing a listing whose client read nothing for %.0fs", self.STALL_SECONDS)
                     self.request.connection.close()  # type: ignore[union-attr]
                     return
-                # A flush the socket takes at once is done already, and awaiting it does not
-                # give the loop back: without this, a fast reader's listing holds up every
-                # other request until its end (about a second for 200k keys).
-                await asyncio.sleep(0)
+            given_way = await give_way(given_way)
         self.finish(b"}" if opened else b"{}")
 
-    def _page(
+    async def _page(
         self, key_filter: KeyFilter | None, after: str | None, limit: int,
         past: list[tuple[str, bytes]] | None,
     ) -> tuple[list[tuple[str, bytes]], bool]:
         """Up to ``limit`` visible pairs after ``after``, and whether more remain."""
         page: list[tuple[str, bytes]] = []
+        given_way = time.monotonic()
         for batch in self._batches(key_filter, after, min(limit + 1, LISTING_BATCH), past):
             for pair in self.visible(batch):
                 if len(page) == limit:
                     return page, True
                 page.append(pair)
+            given_way = await give_way(given_way)  # a filter that matches little scans far
         return page, False
 
     def _limit(self) -> int | None:
