@@ -30,21 +30,23 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 # Benchmarks (docs/benchmarks.md): `make bench`, `make bench-replay`,
-# `make bench-compaction` and `make bench-nats`, in their own environment so
-# the benchmark's extra packages never reach .venv.
-# Flags go through BENCH_ARGS, REPLAY_ARGS, COMPACTION_ARGS and NATS_ARGS, e.g.
+# `make bench-compaction`, `make bench-listing` and `make bench-nats`, in their
+# own environment so the benchmark's extra packages never reach .venv.
+# Flags go through BENCH_ARGS, REPLAY_ARGS, COMPACTION_ARGS, LISTING_ARGS and NATS_ARGS, e.g.
 #   make bench BENCH_ARGS="--duration 5 --servers kvd,etcd"
 #   make bench-replay REPLAY_ARGS="--records 200000"
 #   make bench-compaction COMPACTION_ARGS="--keys 200000 --repeats 1"
+#   make bench-listing LISTING_ARGS="--keys 100000 --repeats 1"
 #   make bench-nats NATS_ARGS="--duration 5 --workloads put,get"
 BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_ARGS ?=
 REPLAY_ARGS ?=
 COMPACTION_ARGS ?=
+LISTING_ARGS ?=
 NATS_ARGS ?=
 
-.PHONY: bench bench-replay bench-replay-phases bench-compaction bench-nats
+.PHONY: bench bench-replay bench-replay-phases bench-compaction bench-listing bench-nats
 
 $(BENCH_VENV)/.installed: requirements.txt pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -67,6 +69,10 @@ bench-replay-phases: $(BENCH_VENV)/.installed
 
 bench-compaction: $(BENCH_VENV)/.installed
 	$(BENCH_PY) bench/compaction.py $(COMPACTION_ARGS)
+
+# Needs wrk (apt-get install wrk).
+bench-listing: $(BENCH_VENV)/.installed
+	$(BENCH_PY) bench/listing_fairness.py $(LISTING_ARGS)
 
 # Needs wrk and nats-server (apt-get install wrk nats-server).
 bench-nats: $(BENCH_VENV)/.installed
