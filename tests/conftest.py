@@ -34,6 +34,16 @@ from kvd.store import Store
 REPO = Path(__file__).resolve().parent.parent
 
 
+def run_bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python bench/<script> ARGS`` from the repository, as a reader would run it; fails the
+    test, with the tail of its output, unless it exits 0."""
+    run = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return run
+
+
 def load_bench_module(name: str) -> Any:
     """``bench/<name>.py``, loaded by path as ``bench_<name>``: putting bench/ on sys.path
     would let bench/nats.py shadow the nats package for every later test."""

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_bench
 
 LATENCY_FIELDS = {"rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "rss_peak_mib"}
 REPORT_FIELDS = {"seq", "keys", "segments_retired", "bytes_before", "bytes_after", "seconds"}
@@ -24,11 +22,7 @@ def test_bench_compaction_smoke_prints_figures_and_writes_results(tmp_path):
     committed = REPO / "bench" / "results" / "compaction.json"
     committed_before = committed.read_bytes() if committed.exists() else None
     results = tmp_path / "compaction.json"
-    run = subprocess.run(
-        [sys.executable, "bench/compaction.py", "--smoke", "--no-pin", "--json", str(results)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    run = run_bench("compaction.py", "--smoke", "--no-pin", "--json", str(results))
     for figure in ("idle (wrk)", "idle (client)", "compaction (client)", "compaction of 21000 keys:",
                    "p99 compaction / idle:", "peak RSS compaction / idle:", "client check:",
                    "errors (non-2xx + socket, all rounds): 0"):

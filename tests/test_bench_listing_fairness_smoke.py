@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_bench
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_bench_listing_fairness_smoke_prints_figures(tmp_path):
     results = tmp_path / "listing.json"
-    run = subprocess.run(
-        [sys.executable, "bench/listing_fairness.py", "--smoke", "--no-pin", "--json", str(results)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    run = run_bench("listing_fairness.py", "--smoke", "--no-pin", "--json", str(results))
     for figure in ("listing fairness: 20000 keys", "get alone", "get during listings", "put alone",
                    "put during listings", "p99 during listings / alone: get ",
                    "errors (non-2xx + socket, all rounds): 0"):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_bench
 from natsserver import find_nats_server
 
 NATS_SERVER = find_nats_server()
@@ -25,12 +23,10 @@ NATS_SERVER = find_nats_server()
 def test_bench_nats_smoke_prints_the_table_without_request_errors(tmp_path):
     results = tmp_path / "nats-smoke.json"
     # Pinned as in the real run; --work-dir keeps the data directories under tmp_path.
-    run = subprocess.run(
-        [sys.executable, "bench/nats.py", "--smoke", "--nats-server", str(NATS_SERVER),
-         "--json", str(results), "--work-dir", str(tmp_path / "runs")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+    run = run_bench(
+        "nats.py", "--smoke", "--nats-server", str(NATS_SERVER),
+        "--json", str(results), "--work-dir", str(tmp_path / "runs"), timeout=120,
     )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     out = run.stdout
     header = "workload setup      req/s   p50 ms   p99 ms errors kvd RSS MiB nats RSS MiB rec/commit re-decided"
     assert header in out, out

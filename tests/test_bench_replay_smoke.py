@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_bench
 
 
 @pytest.mark.slow
@@ -20,12 +18,10 @@ def test_bench_replay_smoke_measures_both_cpu_sets(tmp_path):
     committed = REPO / "bench" / "results" / "replay.json"
     committed_before = committed.read_bytes() if committed.exists() else None
     results = tmp_path / "replay.json"
-    run = subprocess.run(
-        [sys.executable, "bench/replay.py", "--records", "20000", "--keys", "5000", "--repeats", "1",
-         "--cpus", "0-1/0", "--segment-bytes", str(1 << 20), "--seals", "both", "--json", str(results)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    run = run_bench(
+        "replay.py", "--records", "20000", "--keys", "5000", "--repeats", "1",
+        "--cpus", "0-1/0", "--segment-bytes", str(1 << 20), "--seals", "both", "--json", str(results),
     )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "targets:" in run.stdout and "CPUs 0-1" in run.stdout and "CPUs 0:" in run.stdout
     data = json.loads(results.read_text())
     assert data["params"]["cpu_sets"] == ["0-1", "0"]
@@ -59,11 +55,7 @@ def test_replay_phases_smoke_prints_every_phase(tmp_path):
     """bench/replay_phases.py on a small journal: kvd's phases and the whole-file digests
     always; the C and msgspec rows only where a compiler with OpenSSL's headers, or
     msgspec, is installed (optional there)."""
-    run = subprocess.run(
-        [sys.executable, "bench/replay_phases.py", "--records", "3000", "--repeats", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    run = run_bench("replay_phases.py", "--records", "3000", "--repeats", "1", timeout=120)
     assert run.stdout.startswith("3000 records,")
     rows = {line[:34].strip(): line[34:].split() for line in run.stdout.splitlines()[2:]}
     per_record = {phase: float(figures[1]) for phase, figures in rows.items()}

@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_bench
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_bench_smoke_runs_every_workload_without_errors(tmp_path):
     results = tmp_path / "smoke.json"
-    run = subprocess.run(
-        [sys.executable, "bench/run.py", "--smoke", "--no-pin", "--json", str(results)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    run_bench("run.py", "--smoke", "--no-pin", "--json", str(results))
     medians = json.loads(results.read_text())["medians"]
     assert set(medians) == {"put", "get", "mixed", "list"}
     for workload, servers in medians.items():
