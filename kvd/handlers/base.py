@@ -26,9 +26,10 @@ STALL_SECONDS = 60.0
 """How long a streamed response may wait for its client to read before the connection is closed."""
 
 
-async def flushed_within(handler: RequestHandler, seconds: float) -> bool:
-    """Flush ``handler``'s output; False when the client took none of it for ``seconds``
-    (the caller closes the connection). Raises StreamClosedError when the client hung up.
+async def flushed_within(handler: RequestHandler, seconds: float, what: str) -> bool:
+    """Flush ``handler``'s output; when the client took none of it for ``seconds``, close
+    the connection (logging ``what`` was cut off) and return False. Raises
+    StreamClosedError when the client hung up.
 
     A client that stops reading would otherwise hold its connection, and what
     the response pins, for ever: the idle timeout covers reading requests, not
@@ -39,6 +40,8 @@ async def flushed_within(handler: RequestHandler, seconds: float) -> bool:
         done, _ = await asyncio.wait([future], timeout=seconds)
         if not done:
             future.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" log
+            log.info("closing %s whose client read nothing for %.0fs", what, seconds)
+            handler.request.connection.close()  # type: ignore[union-attr]
             return False
     future.result()
     return True

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import bisect
 import functools
-import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -54,8 +53,6 @@ from kvd.model import Change, Entry, KeyFilter, match_of
 MAX_KEY_BYTES = 1024
 MERGE_PATCH_TYPE = "application/merge-patch+json"
 _CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
-log = logging.getLogger("kvd.app")
-
 LISTING_BATCH = 1000
 FLUSH_BYTES = 1 << 18  # a streamed listing is flushed at least this often, whatever the filter keeps
 GIVE_WAY_SECONDS = 0.005  # the longest a listing runs before others are served (give_way)
@@ -384,13 +381,10 @@ class KeysHandler(KeysBodyHandler):
             if opened and (len(batch) >= LISTING_BATCH or unflushed >= FLUSH_BYTES):
                 unflushed = 0  # stream: never build the whole listing in memory
                 try:
-                    flushed = await flushed_within(self, self.STALL_SECONDS)
+                    if not await flushed_within(self, self.STALL_SECONDS, "a listing"):
+                        return
                 except StreamClosedError:
                     return  # the client hung up (``| head``, a timeout): nothing to log, no one to tell
-                if not flushed:
-                    log.info("closing a listing whose client read nothing for %.0fs", self.STALL_SECONDS)
-                    self.request.connection.close()  # type: ignore[union-attr]
-                    return
             given_way = await give_way(given_way)
         self.finish(b"}" if opened else b"{}")
 
