@@ -734,6 +734,15 @@ async def test_unknown_path_is_a_404_whatever_the_method(http_client, base_url):
 # --- 503: when a read gets it, and what the document says ----------------------
 
 
+def test_a_head_503_is_described_as_its_get_503_without_the_body():
+    responses = DOCUMENT["components"]["responses"]
+    assert responses["HeadUnavailable"]["description"] == responses["ReadUnavailable"]["description"] + " (No body.)"
+    for path, item in DOCUMENT["paths"].items():
+        if "503" in item.get("head", {}).get("responses", {}):
+            assert item["get"]["responses"]["503"] == {"$ref": "#/components/responses/ReadUnavailable"}, path
+            assert item["head"]["responses"]["503"] == {"$ref": "#/components/responses/HeadUnavailable"}, path
+
+
 def _documented_503(method: str, path: str) -> str:
     response = DOCUMENT["paths"][path][method]["responses"]["503"]
     if "$ref" in response:
@@ -785,10 +794,10 @@ _READ_503_CASES = {
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("case", list(_READ_503_CASES))
-async def test_every_503_a_head_gets_is_in_its_description(case, http_client, base_url, harness, monkeypatch):
+async def test_every_503_a_read_gets_is_in_its_description(case, http_client, base_url, harness, monkeypatch):
     """A HEAD answers as GET does (``head = get`` in every handler): each case that gets
-    GET a 503 gets HEAD one, and the HEAD's documented 503 names it. Reads of the keys
-    and the feed are served from the applied state while the journal refuses writes."""
+    GET a 503 gets HEAD one, and both documented 503s name it. Reads of the keys and the
+    feed are served from the applied state while the journal refuses writes."""
     bring_about, phrase, refused, served = _READ_503_CASES[case]
     await bring_about(harness, monkeypatch)
     for template, tail, retry_after in refused:
@@ -796,8 +805,10 @@ async def test_every_503_a_head_gets_is_in_its_description(case, http_client, ba
             response = await _fetch(http_client, base_url, method, tail)
             assert (response.code, response.headers.get("Retry-After")) == (503, retry_after), (
                 method, tail, response.body)
-        description = _documented_503("head", template)
-        assert phrase in description, f"HEAD {template} 503 does not say it comes when {phrase}: {description}"
+        for method in ("get", "head"):
+            description = _documented_503(method, template)
+            assert phrase in description, (
+                f"{method.upper()} {template} 503 does not say it comes when {phrase}: {description}")
     for tail in served:
         for method in ("GET", "HEAD"):
             response = await _fetch(http_client, base_url, method, tail)
