@@ -166,7 +166,11 @@ def _add_journal_commands(commands: argparse._SubParsersAction) -> None:
         "URL --keep-export DIR` and inspect DIR instead.",
         changes=True,
     )
-    repair.add_argument("--dry-run", action="store_true", help="print what would be cut; change nothing")
+    repair.add_argument(
+        "--dry-run", action="store_true",
+        help="print what would be cut and whether verify would pass afterwards (the exit status "
+        "the repair would have); change nothing",
+    )
 
 
 def _journal_action(

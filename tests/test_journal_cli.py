@@ -927,6 +927,7 @@ def test_repair_cuts_from_the_damaged_record_to_the_end_into_quarantine(archived
 
     dry = kvd_journal("repair", data_dir, "--dry-run")
     assert dry.code == 0 and f"would cut {damaged} from byte {offset} (seq {bad_seq}.." in dry.text
+    assert f"after repair: {data_dir} would verify; head seq {bad_seq - 1}" in dry.text
     assert not (data_dir / "quarantine").exists()
 
     ran = kvd_journal("repair", data_dir)
@@ -973,6 +974,8 @@ def test_repair_replaces_a_damaged_newest_snapshot_from_the_archive(archived, tm
     snapshot = Layout.scan(data_dir).snapshots[0]
     damaged = edited_entry(snapshot.read_bytes())
     snapshot.write_bytes(damaged)
+    dry = kvd_journal("repair", data_dir, "--dry-run")  # checks the store with the archive's files back
+    assert dry.code == 0 and f"after repair: {data_dir} would verify; head seq {session.last}," in dry.text
     ran = kvd_journal("repair", data_dir)
     assert ran.code == 0, ran.text + ran.err
     assert "restored" in ran.text and "snapshot damaged" in ran.text
@@ -1053,11 +1056,38 @@ def test_repair_leaves_damaged_archived_history_alone(archived, tmp_path, kvd_jo
     segment = Layout.scan(data_dir).archived_segments[0]
     segment.write_bytes(edited(segment.read_bytes()))
     before = files_of(data_dir)
+    dry = kvd_journal("repair", data_dir, "--dry-run")
     ran = kvd_journal("repair", data_dir)
     assert ran.code == 1
     assert "nothing to repair" in ran.text and "archived history is left as evidence" in ran.text
     assert files_of(data_dir) == before
     assert reopen_state(data_dir)[0] == archived[1].last  # the store opens all the same
+    assert dry.code == 1 and damage_lines(dry) == damage_lines(ran)  # predicted
+
+
+def damage_lines(ran: Ran) -> list[str]:
+    """What ``repair`` says ``verify`` finds after it (the same for a dry run and a real one)."""
+    return [line for line in ran.text.splitlines() if line.lstrip().startswith(("DAMAGED:", "verify failed:"))]
+
+
+def test_repair_dry_run_exits_1_for_a_gap_repair_cannot_mend(archived, tmp_path, kvd_journal):
+    """The oldest archived segment deleted: start-up reads no archive, so there is nothing to
+    cut, but verify fails; the dry run says so and exits 1, as the repair itself does."""
+    data_dir = copy_of(archived[0], tmp_path)
+    archive = Layout.scan(data_dir).archived_segments
+    archive[0].unlink()
+    first = segment_first_seq(archive[1])
+    before = files_of(data_dir)
+    dry = kvd_journal("repair", data_dir, "--dry-run")
+    assert dry.code == 1, dry.text + dry.err
+    assert "nothing to repair" in dry.text
+    assert "after repair the store would open, but verify would still find damage" in dry.text
+    assert f"DAMAGED: {archive[1]} at byte 0 (seq 1): records 1..{first - 1} are missing" in dry.text
+    assert files_of(data_dir) == before
+    assert not list(tmp_path.glob("**/quarantine"))
+    ran = kvd_journal("repair", data_dir)
+    assert ran.code == 1 and damage_lines(ran) == damage_lines(dry)
+    assert files_of(data_dir) == before  # nothing it could cut
 
 
 def crashed_before_retiring(data_dir: Path) -> tuple[int, list[Path]]:
@@ -1094,8 +1124,16 @@ def test_repair_moves_damaged_segments_the_snapshot_covers_and_nothing_after_it(
     later = {path.name: path.read_bytes() for path in Layout.scan(data_dir).segments if path not in covered}
     with pytest.raises(JournalCorrupt):
         reopen_state(data_dir)
+    before = files_of(data_dir)
 
+    # The gap appears only once the segments are cut: the dry run checks the store as the
+    # repair would leave it, so it predicts it (and changes nothing).
+    dry = kvd_journal("repair", data_dir, "--dry-run")
+    assert files_of(data_dir) == before and not (data_dir / "quarantine").exists()
     ran = kvd_journal("repair", data_dir)
+    assert dry.code == ran.code == 1
+    assert "are missing" in "".join(damage_lines(ran))
+    assert damage_lines(dry) == damage_lines(ran)
     assert f"covered by the snapshot at seq {seq}; damaged at seq" in ran.text, ran.text + ran.err
     cut = quarantined(data_dir)
     manifest = json.loads(next(v for k, v in cut.items() if k.endswith("-repair.json")))

@@ -729,3 +729,87 @@ async def test_unknown_path_is_a_404_whatever_the_method(http_client, base_url):
         f"/nowhere answered {answers}: tornado refuses methods outside SUPPORTED_METHODS with 405 "
         "before NotFoundHandler.prepare runs, and allowed_methods() is empty there"
     )
+
+
+# --- 503: when a read gets it, and what the document says ----------------------
+
+
+def test_a_head_503_is_described_as_its_get_503_without_the_body():
+    responses = DOCUMENT["components"]["responses"]
+    assert responses["HeadUnavailable"]["description"] == responses["ReadUnavailable"]["description"] + " (No body.)"
+    for path, item in DOCUMENT["paths"].items():
+        if "503" in item.get("head", {}).get("responses", {}):
+            assert item["get"]["responses"]["503"] == {"$ref": "#/components/responses/ReadUnavailable"}, path
+            assert item["head"]["responses"]["503"] == {"$ref": "#/components/responses/HeadUnavailable"}, path
+
+
+def _documented_503(method: str, path: str) -> str:
+    response = DOCUMENT["paths"][path][method]["responses"]["503"]
+    if "$ref" in response:
+        response = DOCUMENT["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+    return response["description"]
+
+
+async def _refuse_writes(harness: Any, monkeypatch: Any) -> None:
+    """The active segment deleted under the server: the file journal refuses writes until restarted."""
+    from kvd.errors import Unavailable
+    from kvd.model import Change
+
+    await harness.store.write(Change(op="put", set={"a": b"1"}))
+    os.unlink(harness.journal._active_path)
+    with pytest.raises(Unavailable, match="was deleted"):
+        await harness.store.write(Change(op="put", set={"b": b"1"}))
+    assert not harness.journal.writable
+
+
+async def _inconsistent(harness: Any, monkeypatch: Any) -> None:
+    """A journal that cannot catch up for ``consistent=1`` (a NATS-backed node without NATS)."""
+    from kvd.log.journal import JournalUnavailable
+
+    async def catch_up() -> None:
+        raise JournalUnavailable("NATS is unavailable: a consistent read cannot be served")
+
+    monkeypatch.setattr(harness.journal, "catch_up", catch_up)
+
+
+async def _starting(harness: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(harness.store, "ready", False)
+
+
+# (how to bring it about, the phrase the document uses for it, the requests that then get 503
+# with Retry-After or without it, and reads that are still answered)
+_READ_503_CASES = {
+    "starting": (_starting, "replaying its journal", [
+        ("/keys/{id}", "/keys/a", "1"), ("/keys", "/keys", "1"), ("/journal", "/journal", "1"),
+        ("/readyz", "/readyz", "1"),
+    ], []),
+    "consistent": (_inconsistent, "consistent=1", [
+        ("/keys/{id}", "/keys/a?consistent=1", "1"), ("/keys", "/keys?consistent=1", "1"),
+    ], ["/keys/a", "/keys"]),
+    "refusing writes": (_refuse_writes, "refuses writes", [
+        ("/readyz", "/readyz", None),
+    ], ["/keys/a", "/keys", "/journal"]),
+}
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("case", list(_READ_503_CASES))
+async def test_every_503_a_read_gets_is_in_its_description(case, http_client, base_url, harness, monkeypatch):
+    """A HEAD answers as GET does (``head = get`` in every handler): each case that gets
+    GET a 503 gets HEAD one, and both documented 503s name it. Reads of the keys and the
+    feed are served from the applied state while the journal refuses writes."""
+    bring_about, phrase, refused, served = _READ_503_CASES[case]
+    await bring_about(harness, monkeypatch)
+    for template, tail, retry_after in refused:
+        for method in ("GET", "HEAD"):
+            response = await _fetch(http_client, base_url, method, tail)
+            assert (response.code, response.headers.get("Retry-After")) == (503, retry_after), (
+                method, tail, response.body)
+        for method in ("get", "head"):
+            description = _documented_503(method, template)
+            assert phrase in description, (
+                f"{method.upper()} {template} 503 does not say it comes when {phrase}: {description}")
+    for tail in served:
+        for method in ("GET", "HEAD"):
+            response = await _fetch(http_client, base_url, method, tail)
+            assert response.code < 500, (method, tail, response.code, response.body)

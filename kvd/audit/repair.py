@@ -7,8 +7,10 @@ says where each came from and why.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from kvd.audit.base import EXIT_FAILURE, EXIT_OK, error, file_size, lock_for_writing
-from kvd.audit.verify import verification_report, verify_directory
+from kvd.audit.verify import Verification, verification_report, verify_directory
 from kvd.config import Config
 from kvd.log.format import GENESIS_HASH, format_ts
 from kvd.log.history import ARCHIVE_DIR, QUARANTINE_DIR, Layout
@@ -24,6 +26,7 @@ from kvd.log.reader import (
     CHAIN_BROKEN,
     JournalCorrupt,
     JournalReader,
+    TornTail,
     segment_first_seq,
     segments_from,
 )
@@ -378,8 +381,67 @@ def _write_manifest(
     fsync_directory(path.parent)
 
 
+def verify_as_repaired(directory: Path, plan: RepairPlan) -> Verification:
+    """What ``verify`` would find once ``plan`` is applied, with nothing in ``directory`` changed.
+
+    ``verify`` runs on a shadow of the directory as the repair would leave it,
+    in a temporary directory: a symlink for every segment and snapshot kept
+    whole (the restored ones in the live directory), a copy of the part kept
+    of each file cut short (at most a segment), nothing for the files cut
+    whole. Its findings name the files where the repair would leave them.
+    """
+    layout = Layout.scan(directory)
+    archived = set(layout.archived_segments + layout.archived_snapshots)
+    cut_whole = {cut.source for cut in plan.cuts if cut.offset == 0}
+    kept = {cut.source: cut.offset for cut in plan.cuts if cut.offset}
+    with tempfile.TemporaryDirectory(prefix="kvd-repair-dry-run-") as temp:
+        shadow = Path(temp) / "data"
+        (shadow / ARCHIVE_DIR).mkdir(parents=True)
+        # Live files first: a restored file replaces a live one of the same name, as os.replace does.
+        for path in layout.segments + layout.snapshots + layout.archived_segments + layout.archived_snapshots:
+            if path in cut_whole:
+                continue
+            stays_archived = path in archived and path not in plan.restore
+            target = (shadow / ARCHIVE_DIR if stays_archived else shadow) / path.name
+            target.unlink(missing_ok=True)
+            if path in kept:
+                _copy_head(path, kept[path], target)
+            else:
+                target.symlink_to(path.absolute())
+        result = verify_directory(shadow)
+    return _seen_from(result, shadow, directory)
+
+
+def _copy_head(source: Path, length: int, target: Path) -> None:
+    """The first ``length`` bytes of ``source``, what a cut at that offset keeps, to ``target``."""
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        while length > 0 and (chunk := reader.read(min(length, 1 << 20))):
+            writer.write(chunk)
+            length -= len(chunk)
+
+
+def _seen_from(result: Verification, shadow: Path, directory: Path) -> Verification:
+    """``result`` of verifying ``shadow``, its paths put back under ``directory``."""
+
+    def moved(where: str) -> str:
+        prefix = str(shadow)
+        return str(directory) + where[len(prefix):] if where.startswith(prefix) else where
+
+    torn = result.torn_tail
+    return dataclasses.replace(
+        result,
+        directory=directory,
+        damage=[dataclasses.replace(finding, file=moved(finding.file)) for finding in result.damage],
+        torn_tail=None if torn is None else TornTail(Path(moved(str(torn.path))), torn.offset, torn.length),
+    )
+
+
 def run(directory: Path, args: argparse.Namespace, config: Config) -> int:
-    """Plan, apply (unless --dry-run) and verify again; exit 0 only when verify then passes."""
+    """Plan, apply (unless --dry-run) and verify again; exit 0 only when verify then passes.
+
+    A dry run verifies the store as the repair would leave it (``verify_as_repaired``),
+    so it exits as the repair would and says why.
+    """
     lock = lock_for_writing(directory, "`kvd journal verify` works beside it, read-only")
     try:
         plan = plan_repair(directory)
@@ -393,7 +455,7 @@ def run(directory: Path, args: argparse.Namespace, config: Config) -> int:
                 print(f"would restore {path} to {directory} (for the older base start-up will load)")
             for cut in plan.cuts:
                 print(f"would cut {_describe_cut(cut)}: {cut.reason}")
-            return EXIT_OK
+            return _after_repair(verify_as_repaired(directory, plan), dry_run=True)
         moved = apply_repair(directory, plan)
         for path in plan.restore:
             print(f"restored {path} to {directory} (for the older base start-up will load)")
@@ -401,12 +463,19 @@ def run(directory: Path, args: argparse.Namespace, config: Config) -> int:
             print(f"cut {_describe_cut(cut)} -> {target}: {cut.reason}")
     finally:
         lock.release()
-    result = verify_directory(directory)
+    return _after_repair(verify_directory(directory), dry_run=False)
+
+
+def _after_repair(result: Verification, *, dry_run: bool) -> int:
+    """Report what ``verify`` finds after the repair (would find, for a dry run); the exit status."""
+    verifies, opens, finds = (
+        ("would verify", "would open", "would still find") if dry_run else ("verifies", "opens", "still finds")
+    )
     if result.ok:
-        print(f"after repair: {directory} verifies; head seq {result.head_seq}, "
+        print(f"after repair: {result.directory} {verifies}; head seq {result.head_seq}, "
               f"hash {result.head_hash}")
         return EXIT_OK
-    print("after repair the store opens, but verify still finds damage that repair does not cut:")
+    print(f"after repair the store {opens}, but verify {finds} damage that repair does not cut:")
     for line in verification_report(result):
         print(f"  {line}")
     print("  (repair cuts only what start-up reads, the newest snapshot and the live segments; "
