@@ -26,6 +26,20 @@ access_log = logging.getLogger("kvd.access")
 
 Route = tuple[str, type, dict[str, Any]]
 
+ERROR_LABELS = (
+    "hook_request_finished",
+    "hook_journal_synced",
+    "stream_end",
+    "feed_history_short",
+    "feed_observer",
+    "CompactionFailed",
+)
+"""Every fixed label kvd passes to ``report_error``, so the metrics plugin can show each
+at 0 from start-up. The others are ``plugin_<name>`` and ``task_<name>`` (see
+``AppContext.error_labels``) and the class name of an exception a handler did not
+expect, which cannot be known in advance. A test checks the callers against this.
+"""
+
 
 @dataclass(frozen=True)
 class PeriodicTask:
@@ -48,6 +62,8 @@ class AppContext:
     streams: set[Callable[[], None]] = field(default_factory=set)
     """How to end each open ``GET /journal?follow=1`` stream; called when the server stops."""
     _periodic: list[PeriodicCallback] = field(default_factory=list)
+    _task_names: list[str] = field(default_factory=list)
+    """Every periodic task started, kept after they stop: their error labels stay known."""
 
     def __post_init__(self) -> None:
         hook = self.plugins.hook
@@ -87,6 +103,13 @@ class AppContext:
         except Exception:  # noqa: BLE001 - reporting must never raise
             log.exception("internal_error hook failed")
 
+    def error_labels(self) -> list[str]:
+        """The ``report_error`` labels known so far: the fixed ones, one per
+        ``after_commit`` implementation and one per periodic task started."""
+        plugins = [f"plugin_{impl.plugin_name}" for impl in self._commit_observers]
+        tasks = [f"task_{name}" for name in self._task_names]
+        return [*ERROR_LABELS, *plugins, *tasks]
+
     def _observe_commit(self, record: Record) -> None:
         """Run each after_commit implementation alone, so one failure skips only itself."""
         for impl in self._commit_observers:
@@ -106,6 +129,8 @@ class AppContext:
         callback = PeriodicCallback(self._guarded(task), task.interval * 1000)
         callback.start()
         self._periodic.append(callback)
+        if task.name not in self._task_names:
+            self._task_names.append(task.name)
 
     def stop_periodic_tasks(self) -> None:
         for callback in self._periodic:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import build_harness
+from conftest import REPO, build_harness
 from tests_support import FakeClock
+
+from kvd.app import ERROR_LABELS
 
 
 @pytest.fixture
@@ -140,6 +143,35 @@ async def test_metrics_exposes_request_store_and_journal_metrics(api, harness):
                  "kvd_expired_keys_total", "kvd_expiry_lag_seconds_count"):
         assert name in text, name
     assert "secret-key-name" not in text and "absent-key" not in text
+
+
+@pytest.mark.gen_test
+async def test_a_fresh_server_shows_the_known_error_series_at_zero(api):
+    # "no data" on a healthy server would leave rate() and alerts on it empty
+    text = (await api("GET", "/metrics")).body.decode()
+    for label in (*ERROR_LABELS, "task_expiry_sweep", "task_compaction"):
+        assert f'internal_error_count_total{{error="{label}"}} 0.0' in text, label
+
+
+def test_every_fixed_error_label_is_in_error_labels():
+    """Each report_error call passes a label from ERROR_LABELS, a plugin_/task_ one, or the
+    class name of an exception a handler did not expect: a new fixed label cannot be
+    left showing no data by forgetting it there."""
+    fixed, others = set(), []
+    for path in sorted((REPO / "kvd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "report_error":
+                label = node.args[0]
+                if isinstance(label, ast.Constant):
+                    fixed.add(label.value)
+                else:
+                    others.append(ast.unparse(label))
+    assert fixed == set(ERROR_LABELS)
+    assert sorted(others) == [
+        "f'plugin_{impl.plugin_name}'",  # AppContext.error_labels knows these
+        "f'task_{task.name}'",
+        "type(exc).__name__ if exc else 'unknown'",  # handlers/base.py: not known in advance
+    ]
 
 
 @pytest.mark.gen_test

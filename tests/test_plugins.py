@@ -269,6 +269,12 @@ async def test_hook_internal_error_counts_failing_observers_and_loses_nothing(
     assert recorder_of(harness).calls["after_commit"] == [{"seq": 1, "op": "put"}]
 
 
+@pytest.mark.gen_test
+async def test_an_after_commit_plugin_has_its_error_series_from_start_up(api):
+    text = (await api("GET", "/metrics")).body.decode()
+    assert f'internal_error_count_total{{error="plugin_{RECORDER}"}} 0.0' in text
+
+
 # --- docs and tests stay in step with the specs --------------------------------------
 
 

@@ -7,7 +7,7 @@ read at scrape time by a collector, so the request path pays nothing for them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -56,13 +56,15 @@ class MetricsPlugin:
         )
         # labels() costs a dict build and lock per call; keep the children.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._error_labels_shown: set[str] = set()
 
     @hookimpl
     def register_routes(self, ctx: AppContext) -> list[Route]:
         # Registered with the route, not at startup: /metrics answers during replay,
         # and an alert on kvd_ready == 0 needs the series then.
         self.registry.register(StoreCollector(ctx))
-        return [(r"/metrics", MetricsHandler, {"ctx": ctx, "registry": self.registry})]
+        handler_kwargs = {"ctx": ctx, "registry": self.registry, "before_scrape": self.show_known_errors}
+        return [(r"/metrics", MetricsHandler, handler_kwargs)]
 
     @hookimpl
     def startup(self, ctx: AppContext) -> None:
@@ -90,6 +92,15 @@ class MetricsPlugin:
             )
             self._request_children[(method, endpoint, status)] = children
         return children
+
+    def show_known_errors(self, ctx: AppContext) -> None:
+        """Make the internal_error_count series of every label known so far, at 0 until
+        counted, so a healthy server reports 0 rather than no data. Done at each scrape:
+        the periodic tasks (task_<name>) start after the startup hook."""
+        for label in ctx.error_labels():
+            if label not in self._error_labels_shown:
+                self.errors.labels(label)
+                self._error_labels_shown.add(label)
 
     @hookimpl
     def internal_error(self, error: str) -> None:
@@ -136,11 +147,15 @@ class MetricsHandler(BaseHandler):
     endpoint = "/metrics"
     scopes = {"GET": ADMIN, "HEAD": ADMIN}
 
-    def initialize(self, ctx: AppContext, registry: CollectorRegistry) -> None:  # type: ignore[override]
+    def initialize(  # type: ignore[override]
+        self, ctx: AppContext, registry: CollectorRegistry, before_scrape: Callable[[AppContext], None]
+    ) -> None:
         super().initialize(ctx)
         self.registry = registry
+        self.before_scrape = before_scrape
 
     def get(self) -> None:
+        self.before_scrape(self.ctx)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(self.registry))
 
