@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 from conftest import build_harness
 from sortedcontainers import SortedList
+from test_scan_ahead import puts, write_segments
 from test_startup import child_pids, command_line
 
 from kvd import jsonio
 from kvd.config import load_config
 from kvd.log.reader import JournalCorrupt
-from kvd.log.seal import seal_path, write_seal, write_snapshot_seal
+from kvd.log.seal import Sealer, seal_path, write_seal, write_snapshot_seal
 from kvd.log.snapshot import SnapshotCorrupt
 from kvd.model import Change
 from kvd.server import build_context
@@ -367,6 +368,20 @@ def sealers_of(data_dir: Path) -> list[int]:
             if any(b"kvd.log.seal" in arg for arg in argv) and any(str(data_dir).encode() in arg for arg in argv):
                 found.append(int(entry.name))
     return found
+
+
+@pytest.mark.slow
+def test_a_sealer_stopped_mid_seal_leaves_no_temporary_file(tmp_path):
+    """The server stopping (Sealer.close) while a large segment is being sealed: the
+    sealer removes its temporary files itself (up to 25 MB for a 64 MiB segment)."""
+    write_segments(tmp_path, puts(60000), per_segment=60000)
+    [segment] = sorted(tmp_path.glob("*.jsonl"))
+    sealer = Sealer()
+    sealer.seal([segment])
+    wait_for(lambda: list(tmp_path.glob("*.tmp")), timeout=60)
+    sealer.close()
+    assert not seal_path(segment).exists(), "the seal finished before close(): the test needs a larger segment"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [segment.name]
 
 
 @pytest.mark.slow
