@@ -56,7 +56,6 @@ class MetricsPlugin:
         )
         # labels() costs a dict build and lock per call; keep the children.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._error_labels_shown: set[str] = set()
 
     @hookimpl
     def register_routes(self, ctx: AppContext) -> list[Route]:
@@ -98,9 +97,7 @@ class MetricsPlugin:
         counted, so a healthy server reports 0 rather than no data. Done at each scrape:
         the periodic tasks (task_<name>) start after the startup hook."""
         for label in ctx.error_labels():
-            if label not in self._error_labels_shown:
-                self.errors.labels(label)
-                self._error_labels_shown.add(label)
+            self.errors.labels(label)  # the child, made once; later calls find it
 
     @hookimpl
     def internal_error(self, error: str) -> None:
